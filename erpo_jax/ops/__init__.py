@@ -1,0 +1,20 @@
+"""Numerics shared by several erpo_jax packages.
+
+Masked statistics (``masked_sum``, ``masked_mean``, ``masked_group_moments``)
+select with ``jnp.where`` so that NaN or inf in masked positions never leak
+into a value or a gradient.
+"""
+
+from erpo_jax.ops._masked import (
+    masked_group_moments,
+    masked_mean,
+    masked_quantile,
+    masked_sum,
+)
+
+__all__ = [
+    "masked_group_moments",
+    "masked_mean",
+    "masked_quantile",
+    "masked_sum",
+]
