@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, Num
 
-__all__ = ["Array", "ArrayLike", "Bool", "Float", "Int", "Num", "DIMENSIONS"]
+__all__ = ["DIMENSIONS", "Array", "ArrayLike", "Bool", "Float", "Int", "Num"]
 
 DIMENSIONS: dict[str, str] = {
     "P": "prompts in a batch",

@@ -1,6 +1,6 @@
 """Naive NumPy reference implementations of the losses in ``METHOD.md``.
 
-Written straight from the formulas in ``/work/shared/METHOD.md`` (the contract),
+Written straight from the formulas in METHOD.md (summarised in ``docs/method.md``) (the contract),
 independently of ``erpo_jax``, so that the tests can catch bugs in the JAX code.
 
 Rules followed everywhere in this file:

@@ -87,7 +87,7 @@ def arca_token_weights(
 
 
 def arca_token_advantages(
-    adv_seq: Float[ArrayLike, "B"],
+    adv_seq: Float[ArrayLike, " B"],
     residual_norm: Float[ArrayLike, "B T"],
     mask: Bool[ArrayLike, "B T"],
     *,

@@ -38,7 +38,7 @@ from erpo_jax.losses._check import (
     is_static_zero,
 )
 from erpo_jax.losses._policy import _split_policy_kw, policy_loss
-from erpo_jax.ops import masked_group_moments, masked_mean, masked_quantile
+from erpo_jax.ops import masked_group_moments, masked_mean, masked_quantile, zscore
 from erpo_jax.typing import Array, ArrayLike, Bool, Float, Int
 
 __all__ = [
@@ -107,14 +107,13 @@ def entropy_gate(
     Returns:
       ``[B, T]`` float32 gate in (0, 1), 0 on masked positions.
     """
-    b, t = check_bt("entropy_gate", entropy=entropy, mask=mask)
+    b, _ = check_bt("entropy_gate", entropy=entropy, mask=mask)
     _check_group("entropy_gate", b, group_size)
     mask = jnp.asarray(mask, bool)
     h = jax.lax.stop_gradient(jnp.where(mask, jnp.asarray(entropy, jnp.float32), 0.0))
-    mean, std, _ = masked_group_moments(h, mask, group_size)
-    mean = jnp.repeat(mean, group_size)[:, None]
-    std = jnp.repeat(std, group_size)[:, None]
-    z = (h - mean) / (std + eps)
+    stats = masked_group_moments(h, mask, group_size)
+    mean, std, count = (jnp.repeat(v, group_size)[:, None] for v in stats)
+    z = zscore(h, mean, std, count, eps=eps)
     return jnp.where(mask, jax.nn.sigmoid(gamma * z), 0.0)
 
 
@@ -137,9 +136,7 @@ def progress_signal(
     return jax.lax.stop_gradient(jnp.where(mask, beta * (old - ref), 0.0))
 
 
-def bucket_ids(
-    mask: Bool[ArrayLike, "B T"], *, num_buckets: int = 10
-) -> Int[Array, "B T"]:
+def bucket_ids(mask: Bool[ArrayLike, "B T"], *, num_buckets: int = 10) -> Int[Array, "B T"]:
     """Relative-position bucket ``k = min(floor(K * pos / n_b), K - 1)`` of each valid token.
 
     ``pos`` is the token's rank among its row's valid tokens and ``n_b`` the
@@ -198,12 +195,12 @@ def bucket_normalize(
     mean = jax.ops.segment_sum(flat, seg, nseg) / jnp.maximum(count, 1.0)
     centred = jnp.where(mask.reshape(-1), flat - mean[seg], 0.0)
     var = jax.ops.segment_sum(centred * centred, seg, nseg) / jnp.maximum(count, 1.0)
-    z = centred / (jnp.sqrt(var)[seg] + eps)
+    z = zscore(flat, mean[seg], jnp.sqrt(var)[seg], count[seg], eps=eps)
     return jnp.where(mask, z.reshape(b, t), 0.0)
 
 
 def result_anchored_synthesis(
-    adv_seq: Float[ArrayLike, "B"],
+    adv_seq: Float[ArrayLike, " B"],
     gate: Float[ArrayLike, "B T"],
     s_hat: Float[ArrayLike, "B T"] | None,
     mask: Bool[ArrayLike, "B T"],
@@ -408,8 +405,10 @@ def erpo_loss(
       >>> mask = np.ones((2, 3), bool)
       >>> logp = np.full((2, 3), -1.0, np.float32)
       >>> loss, aux = erpo_loss(logp, logp, rewards, entropy, mask, eta=0.0)
-      >>> float(loss)  # ratio 1: minus the mean token advantage, which is 0 here
+      >>> round(float(loss), 6)  # ratio 1: minus the mean token advantage, 0 here
       0.0
+      >>> round(float(aux.cdp_frac), 4)  # one token in six is above the group's mean entropy
+      0.1667
     """
     _split_policy_kw(policy_kw, "erpo_loss")
     check_bt("erpo_loss", logp=logp, old_logp=old_logp, entropy=entropy, mask=mask)

@@ -36,7 +36,7 @@ class HolderAux(NamedTuple):
 
 def log_power_mean(
     log_x: Float[ArrayLike, "B T"], mask: Bool[ArrayLike, "B T"], p: float | Array
-) -> Float[Array, "B"]:
+) -> Float[Array, " B"]:
     """``log(((1/n_b) sum_t x^p)^(1/p))`` per row, stable for every ``p`` including 0.
 
     Written as ``mean(log x) + log1p(mean(expm1(p * (log x - mean log x)))) / p``:
@@ -60,7 +60,7 @@ def log_power_mean(
 def holder_loss(
     logp: Float[ArrayLike, "B T"],
     old_logp: Float[ArrayLike, "B T"],
-    adv_seq: Float[ArrayLike, "B"],
+    adv_seq: Float[ArrayLike, " B"],
     mask: Bool[ArrayLike, "B T"],
     *,
     p: float | Array,
@@ -146,7 +146,7 @@ def holder_loss(
 def gspo_loss(
     logp: Float[ArrayLike, "B T"],
     old_logp: Float[ArrayLike, "B T"],
-    adv_seq: Float[ArrayLike, "B"],
+    adv_seq: Float[ArrayLike, " B"],
     mask: Bool[ArrayLike, "B T"],
     *,
     clip_eps: float = 3e-4,

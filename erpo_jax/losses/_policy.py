@@ -222,7 +222,9 @@ def policy_token_loss(
         pg_loss=masked_mean(pg, mask),
         kl=sg(kl_mean),
         approx_kl=masked_mean(jnp.expm1(sl) - sl, mask),
-        clip_frac_low=masked_mean(((adv < 0) & (sg(ratio) < 1.0 - eps_low)).astype(jnp.float32), mask),
+        clip_frac_low=masked_mean(
+            ((adv < 0) & (sg(ratio) < 1.0 - eps_low)).astype(jnp.float32), mask
+        ),
         clip_frac_high=masked_mean(
             ((adv > 0) & (sg(ratio) > 1.0 + eps_high)).astype(jnp.float32), mask
         ),

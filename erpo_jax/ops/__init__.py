@@ -10,6 +10,7 @@ from erpo_jax.ops._masked import (
     masked_mean,
     masked_quantile,
     masked_sum,
+    zscore,
 )
 
 __all__ = [
@@ -17,4 +18,5 @@ __all__ = [
     "masked_mean",
     "masked_quantile",
     "masked_sum",
+    "zscore",
 ]

@@ -12,12 +12,14 @@ import jax.numpy as jnp
 
 from erpo_jax.typing import Array, ArrayLike, Bool, Float
 
-__all__ = ["masked_group_moments", "masked_mean", "masked_quantile", "masked_sum"]
+__all__ = ["masked_group_moments", "masked_mean", "masked_quantile", "masked_sum", "zscore"]
 
 
 def masked_sum(
-    x: Float[ArrayLike, "..."], mask: Bool[ArrayLike, "..."], axis: int | tuple[int, ...] | None = None
-) -> Float[Array, "..."]:
+    x: Float[ArrayLike, ...],
+    mask: Bool[ArrayLike, ...],
+    axis: int | tuple[int, ...] | None = None,
+) -> Float[Array, ...]:
     """Sum of ``x`` over ``axis`` where ``mask`` is True, in float32.
 
     Args:
@@ -33,8 +35,10 @@ def masked_sum(
 
 
 def masked_mean(
-    x: Float[ArrayLike, "..."], mask: Bool[ArrayLike, "..."], axis: int | tuple[int, ...] | None = None
-) -> Float[Array, "..."]:
+    x: Float[ArrayLike, ...],
+    mask: Bool[ArrayLike, ...],
+    axis: int | tuple[int, ...] | None = None,
+) -> Float[Array, ...]:
     """Mean of ``x`` over the entries selected by ``mask``; 0 where none is selected."""
     mask = jnp.asarray(mask, bool)
     count = jnp.sum(mask, axis=axis, dtype=jnp.float32)
@@ -43,7 +47,7 @@ def masked_mean(
 
 def masked_group_moments(
     x: Float[ArrayLike, "B T"], mask: Bool[ArrayLike, "B T"], group_size: int
-) -> tuple[Float[Array, "P"], Float[Array, "P"], Float[Array, "P"]]:
+) -> tuple[Float[Array, " P"], Float[Array, " P"], Float[Array, " P"]]:
     """Mean, population std and valid-token count over each group of rows.
 
     Rows are prompt-major: the group of prompt ``p`` is rows
@@ -75,7 +79,7 @@ def masked_group_moments(
 
 
 def masked_quantile(
-    x: Float[ArrayLike, "..."], mask: Bool[ArrayLike, "..."], q: float
+    x: Float[ArrayLike, ...], mask: Bool[ArrayLike, ...], q: float
 ) -> Float[Array, ""]:
     """The ``q``-quantile of the selected entries of ``x`` (NumPy's "linear" rule).
 
@@ -101,3 +105,33 @@ def masked_quantile(
     # hi is +inf; frac is 0 in that case only if lo == hi, so select instead.
     value = jnp.where(frac > 0, x_lo + frac * (x_hi - x_lo), x_lo)
     return jnp.where(n > 0, value, jnp.inf)
+
+
+# A spread this small relative to the mean is below float32 resolution (about
+# 8 ulps): it is rounding noise, not signal.
+_DEGENERATE_REL_STD = 1e-6
+
+
+def zscore(
+    x: Float[ArrayLike, ...],
+    mean: Float[ArrayLike, ...],
+    std: Float[ArrayLike, ...],
+    count: Float[ArrayLike, ...],
+    *,
+    eps: float,
+) -> Float[Array, ...]:
+    """``(x - mean) / (std + eps)``, exactly 0 where the statistics are degenerate.
+
+    A set of one value, or of values equal to float32 resolution, has no
+    spread: mathematically every z-score is 0. Computed in float32, the
+    residue ``x - mean`` is rounding noise of order ``1e-7 * |x|``, and under
+    ``jit`` XLA may round the two sides differently; dividing that noise by
+    ``std + eps`` (with ``eps`` ~1e-6) would turn it into z-scores of order
+    0.1 that depend on the compiler. So where ``count <= 1`` or
+    ``std <= 1e-6 * |mean|`` the result is exactly 0, as in exact arithmetic.
+    """
+    x = jnp.asarray(x, jnp.float32)
+    mean = jnp.asarray(mean, jnp.float32)
+    std = jnp.asarray(std, jnp.float32)
+    degenerate = (jnp.asarray(count) <= 1) | (std <= _DEGENERATE_REL_STD * jnp.abs(mean))
+    return jnp.where(degenerate, 0.0, (x - mean) / (std + eps))
