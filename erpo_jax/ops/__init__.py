@@ -5,6 +5,7 @@ select with ``jnp.where`` so that NaN or inf in masked positions never leak
 into a value or a gradient.
 """
 
+from erpo_jax.ops._logp_entropy import token_logp_and_entropy
 from erpo_jax.ops._masked import (
     masked_group_moments,
     masked_mean,
@@ -18,5 +19,6 @@ __all__ = [
     "masked_mean",
     "masked_quantile",
     "masked_sum",
+    "token_logp_and_entropy",
     "zscore",
 ]

@@ -1,0 +1,38 @@
+"""Flax NNX decoders for Llama 3, Qwen2/2.5 and Qwen3, HF checkpoint I/O, LoRA.
+
+One :class:`Decoder` covers all families; they differ by
+:class:`ModelConfig` fields. ``load_hf_checkpoint(path)`` gives
+``(model, config)`` with ``model(tokens, mask) -> logits``;
+``model.hidden_states`` and ``model.unembedding()`` feed
+``erpo_jax.ops.token_logp_and_entropy``; ``model.prefill`` /
+``model.decode_step`` drive a sampler on a fixed-size :class:`KVCache`.
+"""
+
+from erpo_jax.models.checkpoint import (
+    load_hf_checkpoint,
+    load_tokenizer,
+    param_partition_spec,
+    save_hf_checkpoint,
+)
+from erpo_jax.models.config import PRESETS, SUPPORTED_MODEL_TYPES, ModelConfig, RopeScaling
+from erpo_jax.models.decoder import Decoder, positions_from_mask
+from erpo_jax.models.kv_cache import KVCache, init_kv_cache
+from erpo_jax.models.lora import LORA_TARGETS, add_lora, merge_lora
+
+__all__ = [
+    "LORA_TARGETS",
+    "PRESETS",
+    "SUPPORTED_MODEL_TYPES",
+    "Decoder",
+    "KVCache",
+    "ModelConfig",
+    "RopeScaling",
+    "add_lora",
+    "init_kv_cache",
+    "load_hf_checkpoint",
+    "load_tokenizer",
+    "merge_lora",
+    "param_partition_spec",
+    "positions_from_mask",
+    "save_hf_checkpoint",
+]

@@ -1,0 +1,129 @@
+"""KV-cache prefill/decode agrees with the full forward pass on left-padded batches."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from erpo_jax.models import Decoder, KVCache, ModelConfig
+
+CONFIGS = {
+    "qwen3": ModelConfig("qwen3", 61, 32, 48, 2, 4, 2, 16, qk_norm=True),
+    "qwen2": ModelConfig("qwen2", 61, 32, 48, 2, 4, 1, 8, qkv_bias=True, tie_word_embeddings=True),
+}
+
+
+def _model(family, scan_layers=False):
+    model = nnx.clone(_base_model(family))
+    model.scan_layers = scan_layers
+    return model
+
+
+@functools.cache
+def _base_model(family):
+    model = Decoder(CONFIGS[family], rngs=nnx.Rngs(0))
+    # Non-trivial biases and norms so that every parameter influences the check.
+    for name, var in vars(model.layers).items():
+        if isinstance(var, nnx.Variable) and (name.endswith("bias") or name.endswith("norm")):
+            noise = jax.random.normal(jax.random.key(len(name)), var[...].shape)
+            var.set_value(var[...] + 0.1 * noise)
+    return model
+
+
+@nnx.jit
+def _forward(model, tokens, mask):
+    return model(tokens, mask)
+
+
+@nnx.jit
+def _hidden(model, tokens, mask):
+    return model.hidden_states(tokens, mask)
+
+
+@nnx.jit(static_argnums=3)
+def _prefill(model, tokens, mask, max_length):
+    return model.prefill(tokens, mask, max_length=max_length)
+
+
+def _batch(seed=0, b=3, s=6, n=5, vocab=61):
+    rng = np.random.default_rng(seed)
+    prompt = rng.integers(0, vocab, (b, s)).astype(np.int32)
+    mask = np.ones((b, s), bool)
+    mask[1, :2] = False
+    mask[2, : s - 1] = False  # a one-token prompt
+    completion = rng.integers(0, vocab, (b, n)).astype(np.int32)
+    return prompt, mask, completion
+
+
+def _sample_like(graphdef, state, prompt, mask, completion, max_length):
+    """Prefill, then decode inside lax.fori_loop on fixed buffers, as the sampler will."""
+    model = nnx.merge(graphdef, state)
+    first, cache = model.prefill(prompt, mask, max_length=max_length)
+    b, n = completion.shape
+
+    def body(i, carry):
+        cache, out = carry
+        logits, cache = model.decode_step(completion[:, i], cache)
+        return cache, out.at[:, i].set(logits)
+
+    out = jnp.zeros((b, n, model.config.vocab_size), jnp.float32)
+    cache, out = jax.lax.fori_loop(0, n, body, (cache, out))
+    return first, out, cache
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_prefill_then_decode_equals_full_forward(family, scan_layers):
+    model = _model(family, scan_layers)
+    prompt, mask, completion = _batch()
+    s, n = prompt.shape[1], completion.shape[1]
+    graphdef, state = nnx.split(model)
+    run = jax.jit(_sample_like, static_argnums=(0, 5))
+    first, decoded, cache = run(graphdef, state, prompt, mask, completion, s + n + 2)
+
+    tokens = np.concatenate([prompt, completion], axis=1)
+    full_mask = np.concatenate([mask, np.ones_like(completion, bool)], axis=1)
+    full = np.asarray(_forward(model, jnp.asarray(tokens), jnp.asarray(full_mask)))
+    np.testing.assert_allclose(first, full[:, s - 1], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(decoded, full[:, s:], atol=1e-5, rtol=1e-5)
+
+    assert isinstance(cache, KVCache)
+    assert cache.max_length == s + n + 2
+    assert int(cache.index) == s + n
+    np.testing.assert_array_equal(cache.positions, full_mask.sum(-1))
+    np.testing.assert_array_equal(cache.mask[:, : s + n], full_mask)
+    assert not np.asarray(cache.mask[:, s + n :]).any()
+
+
+def test_extend_by_several_tokens_equals_full_forward():
+    model = _model("qwen3")
+    prompt, mask, completion = _batch(seed=1)
+    s = prompt.shape[1]
+    _, cache = _prefill(model, jnp.asarray(prompt), jnp.asarray(mask), 16)
+    extend = nnx.jit(lambda m, t, k, c: m.extend(t, k, c))
+    hidden, cache = extend(model, jnp.asarray(completion), jnp.ones(completion.shape, bool), cache)
+    tokens = np.concatenate([prompt, completion], axis=1)
+    full_mask = np.concatenate([mask, np.ones_like(completion, bool)], axis=1)
+    full_hidden = _hidden(model, jnp.asarray(tokens), jnp.asarray(full_mask))
+    np.testing.assert_allclose(hidden, full_hidden[:, s:], atol=1e-5, rtol=1e-5)
+
+
+def test_padding_content_does_not_matter():
+    model = _model("qwen2")
+    prompt, mask, _ = _batch(seed=2)
+    other = np.where(mask, prompt, (prompt + 7) % 61)
+    a, _ = _prefill(model, jnp.asarray(prompt), jnp.asarray(mask), 8)
+    b, _ = _prefill(model, jnp.asarray(other), jnp.asarray(mask), 8)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_prefill_rejects_a_prompt_longer_than_the_cache():
+    model = _model("qwen2")
+    prompt, mask, _ = _batch()
+    with pytest.raises(ValueError, match="max_length"):
+        model.prefill(jnp.asarray(prompt), jnp.asarray(mask), max_length=3)
