@@ -38,7 +38,13 @@ from erpo_jax.losses._check import (
     is_static_zero,
 )
 from erpo_jax.losses._policy import _split_policy_kw, policy_loss
-from erpo_jax.ops import masked_group_moments, masked_mean, masked_quantile, zscore
+from erpo_jax.ops import (
+    inverse_spread,
+    masked_group_moments,
+    masked_mean,
+    masked_quantile,
+    masked_sum,
+)
 from erpo_jax.typing import Array, ArrayLike, Bool, Float, Int
 
 __all__ = [
@@ -111,9 +117,10 @@ def entropy_gate(
     _check_group("entropy_gate", b, group_size)
     mask = jnp.asarray(mask, bool)
     h = jax.lax.stop_gradient(jnp.where(mask, jnp.asarray(entropy, jnp.float32), 0.0))
-    stats = masked_group_moments(h, mask, group_size)
-    mean, std, count = (jnp.repeat(v, group_size)[:, None] for v in stats)
-    z = zscore(h, mean, std, count, eps=eps)
+    mean, std, count = masked_group_moments(h, mask, group_size)
+    # Per-group affine map z = (h - mean) * inv, applied row-wise.
+    inv = inverse_spread(mean, std, count, eps=eps)
+    z = (h - jnp.repeat(mean, group_size)[:, None]) * jnp.repeat(inv, group_size)[:, None]
     return jnp.where(mask, jax.nn.sigmoid(gamma * z), 0.0)
 
 
@@ -148,7 +155,9 @@ def _valid_positions(mask: Array) -> Array:
     is_prefix = jnp.all(mask[..., 1:] <= mask[..., :-1])
     return jax.lax.cond(
         is_prefix,
-        lambda m: jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), m.shape),
+        # "+ 0 * m" makes the branch depend on the mask, so that both branches
+        # carry the same varying-axes type inside shard_map; XLA folds it away.
+        lambda m: jnp.arange(t, dtype=jnp.int32) + 0 * m.astype(jnp.int32),
         lambda m: jnp.cumsum(m, axis=-1, dtype=jnp.int32) - 1,
         mask,
     )
@@ -224,7 +233,11 @@ def bucket_normalize(
     # Shift by the group mean first: the one-pass variance E[x^2] - E[x]^2
     # below then loses only ~1e-7 * (1 + offset^2 / var) of relative
     # precision, where offset is a bucket's distance from its group's mean.
-    shift, _, _ = masked_group_moments(s, mask, group_size)
+    # Shift by the group mean first: the one-pass variance E[x^2] - E[x]^2
+    # below then loses only ~1e-7 * (1 + offset^2 / var) of relative
+    # precision, where offset is a bucket's distance from its group's mean.
+    group_count = jnp.sum(mask.reshape(p, -1), axis=-1, dtype=jnp.float32)
+    shift = masked_sum(s.reshape(p, -1), mask.reshape(p, -1), axis=-1) / jnp.maximum(group_count, 1)
     x = jnp.where(mask, s - jnp.repeat(shift, group_size)[:, None], 0.0)
     # One segment per (prompt, bucket) plus a spare one for masked tokens: a
     # single scatter-add of (x, x^2) pairs, O(B*T) whatever K is. Counts come
@@ -236,13 +249,12 @@ def bucket_normalize(
     counts = _bucket_counts(mask, num_buckets).reshape(p, group_size, num_buckets).sum(axis=1)
     counts = jnp.append(counts.reshape(-1), 0).astype(jnp.float32)
     mean = sums[:, 0] / jnp.maximum(counts, 1.0)
-    var = jnp.maximum(sums[:, 1] / jnp.maximum(counts, 1.0) - mean * mean, 0.0)
-    shift_seg = jnp.append(shift.repeat(num_buckets), 0.0)
-    # Gather the per-bucket statistics for every token in one pass.
-    table = jnp.stack([mean, jnp.sqrt(var), counts, mean + shift_seg], axis=-1)[seg]
-    z = zscore(xf, table[:, 0], table[:, 1], table[:, 2], eps=eps)
-    # The degenerate-spread test of zscore must see the signal's own mean.
-    z = jnp.where(table[:, 1] <= 1e-6 * jnp.abs(table[:, 3]), 0.0, z)
+    std = jnp.sqrt(jnp.maximum(sums[:, 1] / jnp.maximum(counts, 1.0) - mean * mean, 0.0))
+    # The degenerate-spread test must see the signal's own mean, not the shifted one.
+    inv = inverse_spread(mean + jnp.append(shift.repeat(num_buckets), 0.0), std, counts, eps=eps)
+    # Gather each token's bucket statistics in one pass: z = (x - mean) * inv.
+    table = jnp.stack([mean, inv], axis=-1)[seg]
+    z = (xf - table[:, 0]) * table[:, 1]
     return jnp.where(mask, z.reshape(b, t), 0.0)
 
 

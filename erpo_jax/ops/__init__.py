@@ -7,6 +7,7 @@ into a value or a gradient.
 
 from erpo_jax.ops._logp_entropy import token_logp_and_entropy
 from erpo_jax.ops._masked import (
+    inverse_spread,
     masked_group_moments,
     masked_mean,
     masked_quantile,
@@ -15,6 +16,7 @@ from erpo_jax.ops._masked import (
 )
 
 __all__ = [
+    "inverse_spread",
     "masked_group_moments",
     "masked_mean",
     "masked_quantile",

@@ -12,14 +12,21 @@ import jax.numpy as jnp
 
 from erpo_jax.typing import Array, ArrayLike, Bool, Float
 
-__all__ = ["masked_group_moments", "masked_mean", "masked_quantile", "masked_sum", "zscore"]
+__all__ = [
+    "inverse_spread",
+    "masked_group_moments",
+    "masked_mean",
+    "masked_quantile",
+    "masked_sum",
+    "zscore",
+]
 
 
 def masked_sum(
-    x: Float[ArrayLike, ...],
-    mask: Bool[ArrayLike, ...],
+    x: Float[ArrayLike, "..."],
+    mask: Bool[ArrayLike, "..."],
     axis: int | tuple[int, ...] | None = None,
-) -> Float[Array, ...]:
+) -> Float[Array, "..."]:
     """Sum of ``x`` over ``axis`` where ``mask`` is True, in float32.
 
     Args:
@@ -35,10 +42,10 @@ def masked_sum(
 
 
 def masked_mean(
-    x: Float[ArrayLike, ...],
-    mask: Bool[ArrayLike, ...],
+    x: Float[ArrayLike, "..."],
+    mask: Bool[ArrayLike, "..."],
     axis: int | tuple[int, ...] | None = None,
-) -> Float[Array, ...]:
+) -> Float[Array, "..."]:
     """Mean of ``x`` over the entries selected by ``mask``; 0 where none is selected."""
     mask = jnp.asarray(mask, bool)
     count = jnp.sum(mask, axis=axis, dtype=jnp.float32)
@@ -79,7 +86,7 @@ def masked_group_moments(
 
 
 def masked_quantile(
-    x: Float[ArrayLike, ...], mask: Bool[ArrayLike, ...], q: float
+    x: Float[ArrayLike, "..."], mask: Bool[ArrayLike, "..."], q: float
 ) -> Float[Array, ""]:
     """The ``q``-quantile of the selected entries of ``x`` (NumPy's "linear" rule).
 
@@ -112,15 +119,14 @@ def masked_quantile(
 _DEGENERATE_REL_STD = 1e-6
 
 
-def zscore(
-    x: Float[ArrayLike, ...],
-    mean: Float[ArrayLike, ...],
-    std: Float[ArrayLike, ...],
-    count: Float[ArrayLike, ...],
+def inverse_spread(
+    mean: Float[ArrayLike, "..."],
+    std: Float[ArrayLike, "..."],
+    count: Float[ArrayLike, "..."],
     *,
     eps: float,
-) -> Float[Array, ...]:
-    """``(x - mean) / (std + eps)``, exactly 0 where the statistics are degenerate.
+) -> Float[Array, "..."]:
+    """``1 / (std + eps)``, or exactly 0 where the statistics are degenerate.
 
     A set of one value, or of values equal to float32 resolution, has no
     spread: mathematically every z-score is 0. Computed in float32, the
@@ -128,10 +134,27 @@ def zscore(
     ``jit`` XLA may round the two sides differently; dividing that noise by
     ``std + eps`` (with ``eps`` ~1e-6) would turn it into z-scores of order
     0.1 that depend on the compiler. So where ``count <= 1`` or
-    ``std <= 1e-6 * |mean|`` the result is exactly 0, as in exact arithmetic.
+    ``std <= 1e-6 * |mean|`` the factor is 0, and z-scores are exactly 0, as
+    in exact arithmetic. Computing the factor once per set (group, bucket)
+    and multiplying per token is also cheaper than a per-token division.
     """
-    x = jnp.asarray(x, jnp.float32)
     mean = jnp.asarray(mean, jnp.float32)
     std = jnp.asarray(std, jnp.float32)
     degenerate = (jnp.asarray(count) <= 1) | (std <= _DEGENERATE_REL_STD * jnp.abs(mean))
-    return jnp.where(degenerate, 0.0, (x - mean) / (std + eps))
+    return jnp.where(degenerate, 0.0, 1.0 / (std + eps))
+
+
+def zscore(
+    x: Float[ArrayLike, "..."],
+    mean: Float[ArrayLike, "..."],
+    std: Float[ArrayLike, "..."],
+    count: Float[ArrayLike, "..."],
+    *,
+    eps: float,
+) -> Float[Array, "..."]:
+    """``(x - mean) / (std + eps)``, exactly 0 where the statistics are degenerate.
+
+    See :func:`inverse_spread` for what "degenerate" means and why.
+    """
+    x = jnp.asarray(x, jnp.float32)
+    return (x - jnp.asarray(mean, jnp.float32)) * inverse_spread(mean, std, count, eps=eps)
