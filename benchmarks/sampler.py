@@ -1,0 +1,170 @@
+"""Sampling throughput of ``erpo_jax.sampling.sample`` against ``transformers`` ``generate``.
+
+Both sample the same tiny random Qwen3 (weights made by torch, saved with
+``save_pretrained`` and loaded by ``load_hf_checkpoint``), float32, on CPU,
+with the same thread count, in the same process: ``B`` prompts of ``S``
+tokens, ``T`` new tokens each (no EOS, so every row runs to ``T``),
+temperature 1, no truncation, and per-token log-probs and entropies of the
+sampling distribution returned. ``transformers`` gets them the usual way:
+``generate(..., output_logits=True)`` then a log-softmax over the stacked
+logits (timed with the generation). Prints one JSON line per implementation
+and a summary line with the speed ratio; the erpo_jax compile time is
+reported separately (first call minus a steady-state call).
+
+    python benchmarks/sampler.py --threads 2
+
+Target (issue 4): erpo_jax >= 5x transformers tokens/s on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+
+def _parse():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    return p.parse_args()
+
+
+def _median_seconds(fn, repeats):
+    fn()  # warm-up (allocator, thread pools)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main():
+    args = _parse()
+    # Thread counts must be fixed before either library starts its pools.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "")
+        + f" --xla_cpu_multi_thread_eigen={'true' if args.threads > 1 else 'false'}"
+        + f" intra_op_parallelism_threads={args.threads}"
+    )
+    import jax
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    from erpo_jax.models import load_hf_checkpoint
+    from erpo_jax.sampling import sample
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    hf_config = Qwen3Config(
+        vocab_size=4096,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=32,
+        tie_word_embeddings=True,
+    )
+    torch_model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).eval()
+    rng = np.random.default_rng(0)
+    b, s, t = args.batch, args.prompt_len, args.new_tokens
+    tokens = rng.integers(0, hf_config.vocab_size, (b, s)).astype(np.int32)
+    mask = np.ones_like(tokens, bool)
+
+    with tempfile.TemporaryDirectory() as path:
+        torch_model.save_pretrained(path)
+        model, _ = load_hf_checkpoint(path)
+
+    common = {
+        "bench": "sampler",
+        "model": "qwen3-tiny(V=4096,D=256,F=768,L=4,H=8,KV=4,tied)",
+        "dtype": "float32",
+        "batch": b,
+        "prompt_len": s,
+        "new_tokens": t,
+        "temperature": 1.0,
+        "threads": args.threads,
+        "device": jax.devices()[0].device_kind,
+    }
+    n_tokens = b * t
+
+    key = jax.random.key(0)
+
+    def ours():
+        out = sample(model, tokens, mask, key, max_new_tokens=t, temperature=1.0, eos_ids=())
+        return jax.block_until_ready(out)
+
+    t0 = time.perf_counter()
+    out = ours()
+    first_s = time.perf_counter() - t0
+    assert int(out.lengths.min()) == t
+
+    input_ids = torch.tensor(tokens, dtype=torch.long)
+    attention_mask = torch.tensor(mask, dtype=torch.long)
+
+    def theirs():
+        with torch.inference_mode():
+            gen = torch_model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=t,
+                min_new_tokens=t,
+                output_logits=True,
+                return_dict_in_generate=True,
+                pad_token_id=0,
+                eos_token_id=None,
+            )
+            logits = torch.stack(gen.logits, dim=1).float()  # [B, T, V]
+            logq = torch.log_softmax(logits, dim=-1)
+            new = gen.sequences[:, s:]
+            logp = logq.gather(-1, new[..., None])[..., 0]
+            entropy = -(logq.exp() * logq).sum(-1)
+            return new, logp, entropy
+
+    # Blocks, not alternation: torch's OpenMP workers spin after each call and
+    # would steal cores from XLA's pool if the two were interleaved call by call.
+    jax_s = _median_seconds(ours, args.repeats)
+    torch_s = _median_seconds(theirs, args.repeats)
+    new, _, torch_entropy = theirs()
+    assert tuple(new.shape) == (b, t)
+
+    rows = [
+        {
+            **common,
+            "impl": "erpo_jax",
+            "seconds": jax_s,
+            "tokens_per_s": n_tokens / jax_s,
+            "compile_s": first_s - jax_s,
+            "mean_entropy": float(np.asarray(out.entropy).mean()),
+        },
+        {
+            **common,
+            "impl": f"transformers-{torch.__version__}",
+            "attn": torch_model.config._attn_implementation,
+            "seconds": torch_s,
+            "tokens_per_s": n_tokens / torch_s,
+            "mean_entropy": float(torch_entropy.mean()),
+        },
+        {**common, "impl": "ratio", "speedup_vs_transformers": torch_s / jax_s},
+    ]
+    for row in rows:
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

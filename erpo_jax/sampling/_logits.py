@@ -1,0 +1,203 @@
+"""One sampling step on next-token logits: temperature, top-k / top-p / min-p, statistics.
+
+Every statistic is float32 and follows ``STYLE.md``: the log-probability of a
+token is ``z[token] - logsumexp(z)`` and the entropy is ``logsumexp(z) -
+sum(softmax(z) * z)``, with ``z = logits / temperature`` over the FULL
+vocabulary. That is exactly what ``erpo_jax.ops.token_logp_and_entropy``
+recomputes in the trainer from hidden states, so ``old_logp`` and the
+recorded entropy agree with the trainer's to float32 rounding.
+
+The truncated distribution (after top-k, then top-p on the renormalised
+survivors, then min-p) is the one a token is actually drawn from; its entropy
+is returned separately as ``truncated_entropy``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from erpo_jax.typing import Array, ArrayLike, Bool, Float, Int
+
+__all__ = [
+    "StepSample",
+    "full_logp_and_entropy",
+    "sample_from_logits",
+    "score_tokens",
+    "truncation_mask",
+]
+
+
+class StepSample(NamedTuple):
+    """What one sampling step returns for each row.
+
+    Attributes:
+      tokens: ``[B]`` int32 sampled ids.
+      logp: ``[B]`` float32 log-probability of ``tokens`` under the
+        temperature-scaled full-vocabulary distribution.
+      entropy: ``[B]`` float32 entropy of that full distribution.
+      truncated_entropy: ``[B]`` float32 entropy of the distribution the token
+        was drawn from (after top-k/top-p/min-p; equal to ``entropy`` when none
+        is active, 0 for greedy decoding).
+    """
+
+    tokens: Int[Array, " B"]
+    logp: Float[Array, " B"]
+    entropy: Float[Array, " B"]
+    truncated_entropy: Float[Array, " B"]
+
+
+def _entropy(z: Float[Array, "B V"], keep: Bool[Array, "B V"] | None = None) -> Float[Array, " B"]:
+    """``logsumexp(z) - sum(softmax(z) * z)`` over the kept entries (all if ``keep`` is None)."""
+    if keep is not None:
+        z_kept = jnp.where(keep, z, -jnp.inf)
+        lse = jax.nn.logsumexp(z_kept, axis=-1)
+        # where() rather than a product: exp(-inf) * -inf would be NaN.
+        mean_z = jnp.sum(jnp.where(keep, jnp.exp(z_kept - lse[:, None]) * z, 0.0), axis=-1)
+        return lse - mean_z
+    lse = jax.nn.logsumexp(z, axis=-1)
+    return lse - jnp.sum(jnp.exp(z - lse[:, None]) * z, axis=-1)
+
+
+def full_logp_and_entropy(
+    logits: Float[ArrayLike, "B V"], tokens: Int[ArrayLike, " B"], *, temperature: float = 1.0
+) -> tuple[Float[Array, " B"], Float[Array, " B"]]:
+    """Log-probability of ``tokens`` and entropy of ``softmax(logits / temperature)``, float32.
+
+    Args:
+      logits: ``[B, V]`` next-token logits.
+      tokens: ``[B]`` ids in ``[0, V)``.
+      temperature: positive scalar (Python number or traced).
+
+    Returns:
+      ``(logp [B], entropy [B])``.
+    """
+    z = jnp.asarray(logits, jnp.float32) / jnp.asarray(temperature, jnp.float32)
+    lse = jax.nn.logsumexp(z, axis=-1)
+    z_tok = jnp.take_along_axis(z, jnp.asarray(tokens, jnp.int32)[:, None], axis=-1)[:, 0]
+    return z_tok - lse, _entropy(z)
+
+
+def truncation_mask(
+    logits: Float[ArrayLike, "B V"],
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | Float[ArrayLike, ""] | None = None,
+    min_p: float | Float[ArrayLike, ""] | None = None,
+) -> Bool[Array, "B V"]:
+    """Which tokens survive top-k, then top-p, then min-p (as in ``transformers``' warpers).
+
+    - top-k keeps the ``top_k`` highest logits (ties with the k-th are kept too).
+    - top-p keeps the smallest set of the most likely remaining tokens whose
+      renormalised probability reaches ``top_p`` (always at least the top one).
+    - min-p keeps tokens whose probability is at least ``min_p`` times the
+      largest probability.
+
+    Args:
+      logits: ``[B, V]`` next-token logits.
+      temperature: positive scalar the logits are divided by first.
+      top_k: ``None`` or an int in ``[1, V]`` (static: it fixes a shape).
+      top_p: ``None`` or a scalar in ``(0, 1]`` (may be traced).
+      min_p: ``None`` or a scalar in ``[0, 1]`` (may be traced).
+
+    Returns:
+      ``[B, V]`` bool, True on allowed tokens; every row has at least one.
+    """
+    z = jnp.asarray(logits, jnp.float32) / jnp.asarray(temperature, jnp.float32)
+    keep = jnp.ones(z.shape, bool)
+    top_values = None
+    if top_k is not None:
+        top_values = jax.lax.top_k(z, top_k)[0]  # [B, k], descending
+        keep = z >= top_values[:, -1:]
+    if top_p is not None:
+        z_kept = jnp.where(keep, z, -jnp.inf)
+        lse = jax.nn.logsumexp(z_kept, axis=-1, keepdims=True)
+        # Only the top-k values need sorting when top-k already ran.
+        sorted_z = top_values if top_values is not None else -jnp.sort(-z_kept, axis=-1)
+        sorted_p = jnp.exp(sorted_z - lse)
+        mass_before = jnp.cumsum(sorted_p, axis=-1) - sorted_p
+        n_keep = jnp.maximum(jnp.sum(mass_before < top_p, axis=-1, keepdims=True), 1)
+        threshold = jnp.take_along_axis(sorted_z, n_keep - 1, axis=-1)
+        keep = keep & (z >= threshold)
+    if min_p is not None:
+        z_max = jnp.max(z, axis=-1, keepdims=True)
+        # p / p_max >= min_p  <=>  z - z_max >= log(min_p); independent of renormalisation.
+        keep = keep & (z - z_max >= jnp.log(jnp.asarray(min_p, jnp.float32)))
+    return keep
+
+
+def _scale(logits, temperature, greedy: bool) -> Float[Array, "B V"]:
+    logits = jnp.asarray(logits, jnp.float32)
+    return logits if greedy else logits / jnp.asarray(temperature, jnp.float32)
+
+
+def _keep(z, top_k, top_p, min_p) -> Bool[Array, "B V"] | None:
+    if top_k is None and top_p is None and min_p is None:
+        return None
+    return truncation_mask(z, top_k=top_k, top_p=top_p, min_p=min_p)
+
+
+def _score(z, keep, tokens, greedy: bool) -> StepSample:
+    logp, entropy = full_logp_and_entropy(z, tokens)
+    if greedy:
+        truncated_entropy = jnp.zeros_like(entropy)
+    else:
+        truncated_entropy = entropy if keep is None else _entropy(z, keep)
+    return StepSample(tokens, logp, entropy, truncated_entropy)
+
+
+def score_tokens(
+    logits: Float[ArrayLike, "B V"],
+    tokens: Int[ArrayLike, " B"],
+    *,
+    temperature: float | Float[ArrayLike, ""] = 1.0,
+    greedy: bool = False,
+    top_k: int | None = None,
+    top_p: float | Float[ArrayLike, ""] | None = None,
+    min_p: float | Float[ArrayLike, ""] | None = None,
+) -> StepSample:
+    """The statistics :func:`sample_from_logits` would report had it drawn ``tokens``.
+
+    Used for forced tokens (REFT openers, a forced marker): their ``logp`` and
+    ``entropy`` are the policy's true values. Arguments as in
+    :func:`sample_from_logits`; ``tokens`` is ``[B]`` int.
+    """
+    z = _scale(logits, temperature, greedy)
+    keep = None if greedy else _keep(z, top_k, top_p, min_p)
+    return _score(z, keep, jnp.asarray(tokens, jnp.int32), greedy)
+
+
+def sample_from_logits(
+    logits: Float[ArrayLike, "B V"],
+    keys: Array,
+    *,
+    temperature: float | Float[ArrayLike, ""] = 1.0,
+    greedy: bool = False,
+    top_k: int | None = None,
+    top_p: float | Float[ArrayLike, ""] | None = None,
+    min_p: float | Float[ArrayLike, ""] | None = None,
+) -> StepSample:
+    """Draws one token per row and returns its float32 statistics.
+
+    Args:
+      logits: ``[B, V]`` next-token logits (any float dtype; used in float32).
+      keys: ``[B]`` typed PRNG keys, one per row (rows draw independently, so
+        a row's token does not depend on the other rows).
+      temperature: positive scalar dividing the logits (ignored when ``greedy``).
+      greedy: take the argmax. ``logp`` and ``entropy`` are then those of the
+        temperature-1 distribution and ``truncated_entropy`` is 0.
+      top_k, top_p, min_p: truncation, see :func:`truncation_mask`.
+
+    Returns:
+      :class:`StepSample` with ``[B]`` arrays.
+    """
+    z = _scale(logits, temperature, greedy)
+    if greedy:
+        return _score(z, None, jnp.argmax(z, axis=-1).astype(jnp.int32), True)
+    keep = _keep(z, top_k, top_p, min_p)
+    z_draw = z if keep is None else jnp.where(keep, z, -jnp.inf)
+    tokens = jax.vmap(jax.random.categorical)(keys, z_draw).astype(jnp.int32)
+    return _score(z, keep, tokens, False)

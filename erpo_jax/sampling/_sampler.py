@@ -1,0 +1,561 @@
+"""The KV-cache sampler: one jitted prefill, then a jitted ``lax.while_loop`` of decode steps.
+
+Layout: prompts are left-padded ``[B, S]`` (row ``b = p * G + g``,
+prompt-major); completions are right-padded ``[B, T]`` with ``T =
+max_new_tokens``. Concatenating ``prompt_tokens`` and ``tokens`` (and their
+masks) gives a batch whose real tokens are contiguous, so the trainer's full
+forward pass on it sees exactly the positions and attention the sampler saw.
+
+Compilation: the prefill and the decode loop are jitted once per (model
+structure, B, bucketed S, T, static options). Prompt lengths are bucketed to
+powers of two (at least 8), so a training run with varying prompt lengths
+compiles a handful of times, not every step. ``temperature``, ``top_p``,
+``min_p``, ``eos_ids`` and the key are traced values: changing them does not
+recompile; ``top_k``, greedy-or-not and which truncations are active do.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from erpo_jax.models import Decoder, KVCache
+from erpo_jax.sampling._groups import REFT_STREAM, as_row_keys, reft_first_tokens
+from erpo_jax.sampling._logits import StepSample, sample_from_logits, score_tokens
+from erpo_jax.sampling._stop import StopStringMatcher
+from erpo_jax.typing import Array, ArrayLike, Bool, Float, Int
+
+__all__ = ["SampleOutput", "bucket_length", "compiled_cache_sizes", "sample"]
+
+_MIN_BUCKET = 8
+
+
+class SampleOutput(NamedTuple):
+    """Completions and their per-token statistics, right-padded to ``T = max_new_tokens``.
+
+    Attributes:
+      tokens: ``[B, T]`` int32 sampled ids; ``pad_id`` where ``mask`` is False.
+      logp: ``[B, T]`` float32 log-probability of each token under the
+        temperature-scaled FULL-vocabulary distribution ``softmax(logits /
+        temperature)``: the quantity the trainer recomputes with
+        ``erpo_jax.ops.token_logp_and_entropy(..., temperature=temperature)``
+        (``old_logp``), whatever top-k/top-p/min-p did. 0 where masked.
+      entropy: ``[B, T]`` float32 entropy of that same full distribution
+        (``sampler_entropy`` in the losses). 0 where masked.
+      mask: ``[B, T]`` bool, True on sampled tokens up to and including the EOS
+        token or the token that completes a stop string.
+      lengths: ``[B]`` int32, ``mask.sum(-1)``.
+      truncated_entropy: ``[B, T]`` float32 entropy of the distribution each
+        token was actually drawn from: after top-k/top-p/min-p, equal to
+        ``entropy`` when none is active, 0 under greedy decoding. 0 where masked.
+    """
+
+    tokens: Int[Array, "B T"]
+    logp: Float[Array, "B T"]
+    entropy: Float[Array, "B T"]
+    mask: Bool[Array, "B T"]
+    lengths: Int[Array, " B"]
+    truncated_entropy: Float[Array, "B T"]
+
+
+class _Static(NamedTuple):
+    """Hashable options fixed at compile time."""
+
+    greedy: bool
+    top_k: int | None
+    use_top_p: bool
+    use_min_p: bool
+    max_new_tokens: int
+    cache_length: int
+    pad_id: int
+    use_lora: bool
+    group_size: int  # REFT group size; 0 when REFT is off
+    reft_top_n: int
+    reft_k: int
+
+
+class _Dynamic(NamedTuple):
+    """Traced options: changing them does not recompile."""
+
+    temperature: Float[Array, ""]
+    top_p: Float[Array, ""]
+    min_p: Float[Array, ""]
+    eos_ids: Int[Array, " E"]
+    marker: Int[Array, " M"]
+
+
+class _LoopState(NamedTuple):
+    step: Int[Array, ""]  # next completion index to fill
+    prev: Int[Array, " B"]  # last token, fed to the next decode step
+    cache: KVCache
+    tokens: Int[Array, "B T"]
+    logp: Float[Array, "B T"]
+    entropy: Float[Array, "B T"]
+    truncated_entropy: Float[Array, "B T"]
+    mask: Bool[Array, "B T"]
+    done: Bool[Array, " B"]
+
+
+def bucket_length(n: int) -> int:
+    """The prompt-length bucket of ``n`` tokens: the next power of two, at least 8."""
+    return max(_MIN_BUCKET, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+
+
+def _truncation(static: _Static, dyn: _Dynamic) -> dict[str, Any]:
+    return dict(
+        temperature=dyn.temperature,
+        greedy=static.greedy,
+        top_k=static.top_k,
+        top_p=dyn.top_p if static.use_top_p else None,
+        min_p=dyn.min_p if static.use_min_p else None,
+    )
+
+
+def _write(state: _LoopState, t, s: StepSample, alive, eos_ids, pad_id: int) -> _LoopState:
+    """Stores step ``t``'s draws in column ``t``; finished rows get padding."""
+    tokens = jnp.where(alive, s.tokens, pad_id)
+
+    def put(buf, col):
+        return jax.lax.dynamic_update_slice(buf, col[:, None].astype(buf.dtype), (0, t))
+
+    def zero(x):
+        return jnp.where(alive, x, 0.0)
+
+    is_eos = jnp.any(tokens[:, None] == eos_ids[None, :], axis=-1)
+    return state._replace(
+        step=jnp.asarray(t + 1, jnp.int32),
+        prev=tokens,
+        tokens=put(state.tokens, tokens),
+        logp=put(state.logp, zero(s.logp)),
+        entropy=put(state.entropy, zero(s.entropy)),
+        truncated_entropy=put(state.truncated_entropy, zero(s.truncated_entropy)),
+        mask=put(state.mask, alive),
+        done=state.done | (alive & is_eos),
+    )
+
+
+def _draw(logits, keys, t, static: _Static, dyn: _Dynamic) -> StepSample:
+    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, t)
+    return sample_from_logits(logits, step_keys, **_truncation(static, dyn))
+
+
+def _prefill(graphdef, params, tokens, mask, keys, dyn: _Dynamic, *, static: _Static):
+    """Prompt (+ forced marker) through the model, then the first free completion token."""
+    model = nnx.merge(graphdef, params)
+    b, s = tokens.shape
+    m = dyn.marker.shape[0]
+    t_max = static.max_new_tokens
+    if m:
+        tokens = jnp.concatenate([tokens, jnp.broadcast_to(dyn.marker, (b, m))], axis=1)
+        mask = jnp.concatenate([mask, jnp.ones((b, m), bool)], axis=1)
+    hidden, cache = model.extend(
+        tokens, mask, model.init_cache(b, static.cache_length), use_lora=static.use_lora
+    )
+    # The last m + 1 positions predict the marker tokens and the first free token.
+    logits = jnp.einsum(
+        "bsd,dv->bsv", hidden[:, s - 1 :], model.unembedding(), preferred_element_type=jnp.float32
+    )
+    zeros = jnp.zeros((b, t_max), jnp.float32)
+    state = _LoopState(
+        step=jnp.zeros((), jnp.int32),
+        prev=jnp.zeros((b,), jnp.int32),
+        cache=cache,
+        tokens=jnp.full((b, t_max), static.pad_id, jnp.int32),
+        logp=zeros,
+        entropy=zeros,
+        truncated_entropy=zeros,
+        mask=jnp.zeros((b, t_max), bool),
+        done=jnp.zeros((b,), bool),
+    )
+    alive = jnp.ones((b,), bool)
+    no_eos = jnp.zeros((0,), jnp.int32)
+    for i in range(m):  # forced marker tokens: the policy's true statistics
+        forced = jnp.broadcast_to(dyn.marker[i], (b,))
+        stats = score_tokens(logits[:, i], forced, **_truncation(static, dyn))
+        state = _write(state, i, stats, alive, no_eos, static.pad_id)
+    first = logits[:, m]
+    if static.group_size:
+        g = static.group_size
+        group_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys[::g], REFT_STREAM)
+        openers = reft_first_tokens(
+            first[::g], group_keys, group_size=g, top_n=static.reft_top_n, k=static.reft_k
+        )
+        stats = score_tokens(first, openers, **_truncation(static, dyn))
+    else:
+        stats = _draw(first, keys, m, static, dyn)
+    return _write(state, m, stats, alive, dyn.eos_ids, static.pad_id)
+
+
+def _decode(graphdef, params, state: _LoopState, keys, stop_at, dyn: _Dynamic, *, static: _Static):
+    """Decode steps until ``stop_at`` or until every row is done.
+
+    ``keys`` are the ``[B]`` row keys (step ``t`` draws with ``fold_in(key, t)``);
+    they stay outside the donated loop state so a caller's key array is never donated.
+    """
+    model = nnx.merge(graphdef, params)
+
+    def cond(st: _LoopState):
+        return (st.step < stop_at) & ~jnp.all(st.done)
+
+    def body(st: _LoopState):
+        logits, cache = model.decode_step(st.prev, st.cache, use_lora=static.use_lora)
+        stats = _draw(logits, keys, st.step, static, dyn)
+        st = st._replace(cache=cache)
+        return _write(st, st.step, stats, ~st.done, dyn.eos_ids, static.pad_id)
+
+    return jax.lax.while_loop(cond, body, state)
+
+
+def _finish(state: _LoopState, cut, *, pad_id: int) -> SampleOutput:
+    """Masks everything after each row's stop-string cut (``cut < 0``: none)."""
+    t_max = state.tokens.shape[1]
+    last = jnp.where(cut < 0, t_max, cut)
+    mask = state.mask & (jnp.arange(t_max)[None, :] <= last[:, None])
+
+    def zero(x):
+        return jnp.where(mask, x, 0.0)
+
+    return SampleOutput(
+        tokens=jnp.where(mask, state.tokens, pad_id),
+        logp=zero(state.logp),
+        entropy=zero(state.entropy),
+        mask=mask,
+        lengths=jnp.sum(mask, axis=-1, dtype=jnp.int32),
+        truncated_entropy=zero(state.truncated_entropy),
+    )
+
+
+# The sampler is one of the library's jitted pieces (DESIGN.md): it owns its
+# jit so that the host loop between chunks (stop strings) reuses one compiled
+# prefill and one compiled decode loop. The loop state is donated: the KV cache
+# is updated in place across chunks.
+_prefill_jit = jax.jit(_prefill, static_argnums=0, static_argnames="static")
+_decode_jit = jax.jit(_decode, static_argnums=0, static_argnames="static", donate_argnums=2)
+_finish_jit = jax.jit(_finish, static_argnames="pad_id")
+
+
+def compiled_cache_sizes() -> dict[str, int]:
+    """Number of compiled variants of the sampler's jitted pieces (for recompile checks)."""
+    return {
+        "prefill": _prefill_jit._cache_size(),  # type: ignore[attr-defined]
+        "decode": _decode_jit._cache_size(),  # type: ignore[attr-defined]
+        "finish": _finish_jit._cache_size(),  # type: ignore[attr-defined]
+    }
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"sample: {name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _ids(name: str, values: Sequence[int], vocab: int) -> np.ndarray:
+    ids = np.asarray(list(values), np.int64).reshape(-1)
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+        raise ValueError(f"sample: {name} must be token ids in [0, V={vocab}), got {list(values)}")
+    return ids.astype(np.int32)
+
+
+def _prepare_prompts(
+    tokens, mask, *, vocab: int, max_new_tokens: int, max_length: int, pad_id, bucket
+):
+    """Validates left-padded prompts, trims shared padding, left-pads to the bucket length."""
+    tokens = np.asarray(tokens)
+    mask = np.asarray(mask)
+    if tokens.ndim != 2 or 0 in tokens.shape:
+        raise ValueError(
+            f"sample: prompt_tokens must be a non-empty [B, S] array, got shape {tokens.shape}"
+        )
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"sample: prompt_tokens must hold integer ids, got dtype {tokens.dtype}")
+    if mask.shape != tokens.shape:
+        raise ValueError(
+            f"sample: prompt_mask must have prompt_tokens' shape {tokens.shape}, got {mask.shape}"
+        )
+    if mask.dtype != bool:
+        if not np.all((mask == 0) | (mask == 1)):
+            raise ValueError("sample: prompt_mask must be bool or 0/1")
+        mask = mask.astype(bool)
+    lengths = mask.sum(axis=1)
+    if np.any(lengths == 0):
+        rows = np.flatnonzero(lengths == 0)[:5].tolist()
+        raise ValueError(f"sample: prompt_mask has empty prompts (no real token) in rows {rows}")
+    if np.any(mask[:, :-1] & ~mask[:, 1:]):
+        raise ValueError(
+            "sample: prompt_mask must be left-padded (False... then True...), so that "
+            "prompt + completion is contiguous"
+        )
+    real = np.where(mask, tokens, 0)
+    if real.min() < 0 or real.max() >= vocab:
+        bad = real[(real < 0) | (real >= vocab)][:5].tolist()
+        raise ValueError(f"sample: prompt_tokens has ids outside the vocab [0, V={vocab}): {bad}")
+    longest = int(lengths.max())
+    if longest + max_new_tokens > max_length:
+        raise ValueError(
+            f"sample: the longest prompt ({longest} tokens, prompt_tokens) plus "
+            f"max_new_tokens={max_new_tokens} exceeds max_length={max_length} (the cache "
+            "size limit); shorten the prompt or lower max_new_tokens"
+        )
+    width = min(bucket_length(longest), max_length - max_new_tokens) if bucket else longest
+    out_tokens = np.full((tokens.shape[0], width), pad_id, np.int32)
+    out_mask = np.zeros((tokens.shape[0], width), bool)
+    n = min(width, tokens.shape[1])
+    # Padding columns hold pad_id (an in-vocabulary id): out-of-range ids would
+    # embed as NaN, and NaN values leak through masked attention (0 * NaN).
+    out_tokens[:, width - n :] = np.where(mask[:, -n:], tokens[:, -n:], pad_id)
+    out_mask[:, width - n :] = mask[:, -n:]
+    return out_tokens, out_mask
+
+
+def sample(
+    model: Decoder | tuple[Any, Any],
+    prompt_tokens: Int[ArrayLike, "B S"],
+    prompt_mask: Bool[ArrayLike, "B S"],
+    key: ArrayLike,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    eos_ids: Sequence[int] | None = None,
+    stop_strings: Sequence[str] | None = None,
+    tokenizer: Any = None,
+    stop_check_every: int = 16,
+    pad_id: int | None = None,
+    max_length: int | None = None,
+    bucket_prompts: bool = True,
+    first_token: str | None = None,
+    group_size: int | None = None,
+    reft_top_n: int = 20,
+    reft_k: int = 4,
+    reft_marker: Sequence[int] = (),
+    use_lora: bool = True,
+) -> SampleOutput:
+    """Samples ``max_new_tokens`` per row with a KV cache; returns tokens, logp, entropy, mask.
+
+    One jitted prefill runs the prompts; a jitted ``lax.while_loop`` then
+    decodes one token per row per step on fixed-size buffers and stops as
+    soon as every row has finished (EOS or a stop string). Each step computes,
+    in float32 from that step's logits, the log-probability and entropy of
+    the temperature-scaled full-vocabulary distribution (what the trainer
+    recomputes; see :class:`SampleOutput`), so no second pass is needed.
+
+    Randomness: row ``b`` draws its step-``t`` token with
+    ``fold_in(row_key[b], t)``, so the same key gives the same output, and a
+    row's draws do not depend on the other rows or on stop strings.
+
+    Stop strings (``stop_strings`` with ``tokenizer``) are checked on the host
+    every ``stop_check_every`` steps by decoding each live row's recent
+    tokens (see ``erpo_jax/sampling/_stop.py``): exact for any tokenizer,
+    at the cost of one small device-to-host copy per chunk. Without stop
+    strings the whole decode is one device call.
+
+    REFT (arXiv 2605.28295; METHOD.md section 3), ``first_token="reft"``:
+    rows are ``P`` groups of ``group_size`` (prompt-major, as built by
+    :func:`repeat_for_groups`; the rows of a group must share a prompt). For
+    each group the policy's top-``reft_top_n`` first-token candidates are
+    taken, ``reft_k`` distinct ones are chosen uniformly, and each is forced on
+    ``group_size / reft_k`` consecutive rows; the rest of each completion is
+    sampled normally. The forced token's ``logp``/``entropy`` are the
+    policy's true values (no importance correction). With ``reft_marker``
+    (e.g. the ids of ``"<think>"``), every completion starts with those forced
+    tokens (counted in ``max_new_tokens``, masked True, true statistics) and
+    the diversified token is the one right after them.
+
+    Args:
+      model: a :class:`erpo_jax.models.Decoder`, or its ``nnx.split`` pair
+        ``(graphdef, state)`` (e.g. the policy parameters of a train state).
+      prompt_tokens: ``[B, S]`` left-padded prompt ids, ``B = P * G``
+        prompt-major for group sampling.
+      prompt_mask: ``[B, S]`` bool (or 0/1), True on real prompt tokens;
+        every row needs at least one.
+      key: one PRNG key (split into ``B`` row keys) or ``[B]`` row keys;
+        typed (``jax.random.key``) or raw ``uint32``.
+      max_new_tokens: T, completion length (buffer width).
+      temperature: ``>= 0``. 0 is greedy (argmax); then ``logp``/``entropy``
+        are those of the temperature-1 distribution.
+      top_k: keep the k most likely tokens (``1 <= top_k <= V``), or None.
+      top_p: nucleus mass in ``(0, 1]``, or None.
+      min_p: keep tokens with probability ``>= min_p * max prob``; ``[0, 1]``, or None.
+      eos_ids: ids that end a completion (included in ``mask``). None: the
+        model config's ``eos_token_ids``; ``()``: never stop on an id.
+      stop_strings: strings that end a completion when the decoded completion
+        contains them; needs ``tokenizer``. The mask ends at the token that
+        completes the string.
+      tokenizer: anything with ``decode(list[int]) -> str``.
+      stop_check_every: decode steps between stop-string checks.
+      pad_id: id written where ``mask`` is False (and fed to finished rows).
+        None: the config's ``pad_token_id``, else 0.
+      max_length: the most tokens (prompt + completion) a row may hold, i.e.
+        the cache size limit. None: the config's ``max_position_embeddings``.
+      bucket_prompts: left-pad prompts to a power-of-two length (at least 8)
+        so varying prompt lengths reuse compiled code.
+      first_token: None or ``"reft"``.
+      group_size: G, rows per prompt; required for REFT.
+      reft_top_n: N, REFT candidate pool (``reft_k <= N <= V``).
+      reft_k: K, distinct openers per group; ``group_size % reft_k == 0``.
+      reft_marker: ids forced at the start of every completion before the
+        REFT opener (only with ``first_token="reft"``).
+      use_lora: apply the model's LoRA adapters, if any.
+
+    Returns:
+      :class:`SampleOutput` with ``[B, T]`` arrays and ``lengths [B]``.
+
+    Raises:
+      ValueError: a bad argument, named in the message: an empty prompt
+        (``prompt_tokens``/``prompt_mask``), a prompt that does not fit the
+        cache with ``max_new_tokens`` (``max_length``), ids outside the vocab
+        (``prompt_tokens``, ``eos_ids``, ``reft_marker``), ``temperature < 0``,
+        ``top_p`` outside (0, 1], ``top_k`` outside [1, V], ``min_p`` outside
+        [0, 1], ``stop_strings`` without ``tokenizer``, ``group_size % reft_k``.
+    """
+    if isinstance(model, tuple):
+        if len(model) != 2:
+            raise ValueError("sample: model must be a Decoder or a (graphdef, state) pair")
+        graphdef, params = model
+        config = nnx.merge(graphdef, params).config
+    elif isinstance(model, Decoder):
+        graphdef, params = nnx.split(model)
+        config = model.config
+    else:
+        raise ValueError(
+            f"sample: model must be an erpo_jax.models.Decoder or a (graphdef, state) pair, "
+            f"got {type(model).__name__}"
+        )
+    vocab = config.vocab_size
+
+    t_max = _positive_int("max_new_tokens", max_new_tokens)
+    if not isinstance(temperature, (int, float, np.floating)) or not (
+        math.isfinite(temperature) and temperature >= 0
+    ):
+        raise ValueError(f"sample: temperature must be a finite number >= 0, got {temperature!r}")
+    greedy = temperature == 0
+    if top_k is not None and (
+        not isinstance(top_k, (int, np.integer))
+        or isinstance(top_k, bool)
+        or not 1 <= top_k <= vocab
+    ):
+        raise ValueError(f"sample: top_k must be None or an int in [1, V={vocab}], got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"sample: top_p must be None or in (0, 1], got {top_p!r}")
+    if min_p is not None and not (isinstance(min_p, (int, float)) and 0 <= min_p <= 1):
+        raise ValueError(f"sample: min_p must be None or in [0, 1], got {min_p!r}")
+    eos = _ids("eos_ids", config.eos_token_ids if eos_ids is None else eos_ids, vocab)
+    if pad_id is None:
+        pad_id = config.pad_token_id if config.pad_token_id is not None else 0
+    if not isinstance(pad_id, (int, np.integer)) or not 0 <= pad_id < vocab:
+        raise ValueError(f"sample: pad_id must be an id in [0, V={vocab}), got {pad_id!r}")
+    if max_length is None:
+        max_length = config.max_position_embeddings
+    max_length = _positive_int("max_length", max_length)
+
+    if stop_strings is not None:
+        if isinstance(stop_strings, str):
+            stop_strings = (stop_strings,)
+        if not all(isinstance(s, str) and s for s in stop_strings):
+            raise ValueError(
+                f"sample: stop_strings must be non-empty strings, got {stop_strings!r}"
+            )
+        if tokenizer is None:
+            raise ValueError("sample: stop_strings need a tokenizer (tokenizer=None was given)")
+        stop_check_every = _positive_int("stop_check_every", stop_check_every)
+        if not stop_strings:
+            stop_strings = None
+
+    if first_token not in (None, "reft"):
+        raise ValueError(f"sample: first_token must be None or 'reft', got {first_token!r}")
+    marker = _ids("reft_marker", reft_marker, vocab)
+    reft_group = 0
+    if first_token == "reft":
+        reft_group = _positive_int("group_size", group_size)
+        reft_k = _positive_int("reft_k", reft_k)
+        reft_top_n = _positive_int("reft_top_n", reft_top_n)
+        if reft_group % reft_k:
+            raise ValueError(
+                f"sample: group_size={reft_group} must be a multiple of reft_k={reft_k} "
+                "(G % K != 0): each REFT opener gets G / K rows"
+            )
+        if not reft_k <= reft_top_n <= vocab:
+            raise ValueError(
+                f"sample: reft_top_n={reft_top_n} must satisfy reft_k={reft_k} <= reft_top_n "
+                f"<= V={vocab}"
+            )
+        if marker.size >= t_max:
+            raise ValueError(
+                f"sample: max_new_tokens={t_max} must exceed len(reft_marker)={marker.size}"
+            )
+    elif marker.size:
+        raise ValueError("sample: reft_marker is only used with first_token='reft'")
+
+    tokens, mask = _prepare_prompts(
+        prompt_tokens,
+        prompt_mask,
+        vocab=vocab,
+        max_new_tokens=t_max,
+        max_length=max_length,
+        pad_id=pad_id,
+        bucket=bucket_prompts,
+    )
+    b = tokens.shape[0]
+    if reft_group and b % reft_group:
+        raise ValueError(
+            f"sample: prompt_tokens has {b} rows, not a multiple of group_size={reft_group}"
+        )
+    if reft_group:
+        grouped = np.where(mask, tokens, -1).reshape(b // reft_group, reft_group, -1)
+        if not np.all(grouped == grouped[:, :1]):
+            raise ValueError(
+                "sample: with first_token='reft' the group_size rows of each group must hold "
+                "the same prompt (prompt_tokens prompt-major, see repeat_for_groups)"
+            )
+    keys = as_row_keys(key, b)
+    # -1 never matches a token; padding the EOS list to a multiple of 8 keeps its
+    # shape, and so the compiled code, when the number of EOS ids changes.
+    eos_width = max(8, -(-eos.size // 8) * 8)
+    eos = np.pad(eos, (0, eos_width - eos.size), constant_values=-1)
+
+    static = _Static(
+        greedy=greedy,
+        top_k=None if top_k is None else int(top_k),
+        use_top_p=top_p is not None and top_p < 1,
+        use_min_p=min_p is not None and min_p > 0,
+        max_new_tokens=t_max,
+        cache_length=tokens.shape[1] + t_max - 1,
+        pad_id=int(pad_id),
+        use_lora=bool(use_lora),
+        group_size=reft_group,
+        reft_top_n=int(reft_top_n) if reft_group else 0,
+        reft_k=int(reft_k) if reft_group else 0,
+    )
+    dyn = _Dynamic(
+        temperature=jnp.asarray(1.0 if greedy else temperature, jnp.float32),
+        top_p=jnp.asarray(1.0 if top_p is None else top_p, jnp.float32),
+        min_p=jnp.asarray(0.0 if min_p is None else min_p, jnp.float32),
+        eos_ids=jnp.asarray(eos, jnp.int32),
+        marker=jnp.asarray(marker),
+    )
+    state = _prefill_jit(graphdef, params, tokens, mask, keys, dyn, static=static)
+    cut = np.full(b, -1, np.int32)
+    if stop_strings is None:
+        state = _decode_jit(graphdef, params, state, keys, np.int32(t_max), dyn, static=static)
+    else:
+        matcher = StopStringMatcher(stop_strings, tokenizer, b)
+        step = int(state.step)
+        while True:
+            host_tokens, host_mask = jax.device_get((state.tokens, state.mask))
+            hit = matcher.update(np.asarray(host_tokens), np.asarray(host_mask).sum(axis=1))
+            if hit.any():
+                state = state._replace(done=state.done | jnp.asarray(hit))
+            if step >= t_max or bool(jnp.all(state.done)):
+                break
+            step = min(step + stop_check_every, t_max)
+            state = _decode_jit(graphdef, params, state, keys, np.int32(step), dyn, static=static)
+        cut = matcher.cut.astype(np.int32)
+    return _finish_jit(state, jnp.asarray(cut), pad_id=static.pad_id)

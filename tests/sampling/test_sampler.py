@@ -1,0 +1,221 @@
+"""The sampler against the model's own full forward pass: statistics, distributions, masks."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from erpo_jax.sampling import compiled_cache_sizes, repeat_for_groups, sample
+
+T = 12
+
+
+def _log_softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def _allowed(logits, temperature, top_k=None, top_p=None, min_p=None):
+    """NumPy reference of the truncation, one row at a time (HF warper order: k, p, min-p)."""
+    z = logits.astype(np.float64) / temperature
+    keep = np.ones(z.shape, bool)
+    for b in range(z.shape[0]):
+        order = np.argsort(-z[b], kind="stable")
+        if top_k is not None:
+            keep[b, order[top_k:]] = False
+        if top_p is not None:
+            p = np.where(keep[b], np.exp(z[b] - z[b].max()), 0.0)
+            p /= p.sum()
+            mass = 0.0
+            for i in order:
+                if not keep[b, i]:
+                    continue
+                if mass >= top_p:
+                    keep[b, i] = False
+                mass += p[i]
+        if min_p is not None:
+            p = np.exp(z[b] - z[b].max())
+            keep[b] &= p >= min_p
+    return keep
+
+
+def _entropy(z, keep):
+    z = np.where(keep, z.astype(np.float64), -np.inf)
+    logq = np.where(keep, _log_softmax(z), 0.0)
+    return -np.sum(np.where(keep, np.exp(logq) * logq, 0.0), -1)
+
+
+@pytest.mark.parametrize("temperature", [0.6, 1.0, 1.7])
+def test_logp_and_entropy_equal_full_forward(model, h, temperature):
+    prompt, prompt_mask = h.left_padded(0)
+    out = sample(
+        model, prompt, prompt_mask, h.key(1), max_new_tokens=T, temperature=temperature, eos_ids=()
+    )
+    mask = np.asarray(out.mask)
+    assert mask.all() and np.array_equal(out.lengths, np.full(4, T))
+    logp, entropy = h.reference_stats(model, prompt, prompt_mask, out, temperature)
+    np.testing.assert_allclose(np.asarray(out.logp), logp, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(out.entropy), entropy, atol=1e-4)
+    # No truncation: the distribution drawn from is the full one.
+    np.testing.assert_array_equal(np.asarray(out.truncated_entropy), np.asarray(out.entropy))
+    assert out.logp.dtype == np.float32 and out.tokens.dtype == np.int32
+
+
+def test_greedy_is_argmax_with_temperature_one_stats(model, h):
+    prompt, prompt_mask = h.left_padded(1)
+    out = sample(
+        model, prompt, prompt_mask, h.key(0), max_new_tokens=T, temperature=0.0, eos_ids=()
+    )
+    tokens = np.asarray(out.tokens)
+    logits = h.reference_logits(model, prompt, prompt_mask, tokens, np.asarray(out.mask))
+    np.testing.assert_array_equal(tokens, logits.argmax(-1))
+    logp, entropy = h.reference_stats(model, prompt, prompt_mask, out, 1.0)
+    np.testing.assert_allclose(np.asarray(out.logp), logp, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(out.entropy), entropy, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(out.truncated_entropy), 0.0)
+    other = sample(
+        model, prompt, prompt_mask, h.key(5), max_new_tokens=T, temperature=0.0, eos_ids=()
+    )
+    np.testing.assert_array_equal(np.asarray(other.tokens), tokens)
+
+
+def _chi_square_bound(df: int) -> float:
+    """Upper 1e-4 quantile of chi-square(df) (Wilson-Hilferty, z = 3.719)."""
+    a = 2.0 / (9.0 * df)
+    return df * (1.0 - a + 3.719 * math.sqrt(a)) ** 3
+
+
+@pytest.mark.parametrize(
+    "temperature, trunc",
+    [(1.0, {}), (0.7, {}), (1.2, {"top_k": 12, "top_p": 0.9})],
+    ids=["t1", "t0.7", "t1.2-topk-topp"],
+)
+def test_first_token_frequencies_match_model_distribution(model, h, temperature, trunc):
+    """Many one-step draws of one prompt follow softmax(logits / temperature) (after truncation)."""
+    draws = 4096
+    prompt, prompt_mask = h.left_padded(2, b=1)
+    grouped = repeat_for_groups(prompt, prompt_mask, h.key(7), group_size=draws)
+    out = sample(model, grouped.tokens, grouped.mask, grouped.keys, max_new_tokens=1,
+                 temperature=temperature, eos_ids=(), **trunc)  # fmt: skip
+    logits = h.reference_logits(
+        model, prompt, prompt_mask, np.zeros((1, 1), np.int32), np.ones((1, 1), bool)
+    )[:, 0]
+    keep = _allowed(logits, temperature, **trunc)[0]
+    logits = logits[0]
+    probs = np.exp(_log_softmax(np.where(keep, logits / temperature, -np.inf)))
+    counts = np.bincount(np.asarray(out.tokens)[:, 0], minlength=h.VOCAB)
+    assert counts[~keep].sum() == 0
+    expected = draws * probs
+    # Pool the rare outcomes into one bin so every bin expects >= 5 draws.
+    big = expected >= 5
+    obs = np.append(counts[big], counts[~big].sum())
+    exp = np.append(expected[big], expected[~big].sum())
+    if exp[-1] < 5:
+        obs, exp = obs[:-1], exp[:-1]
+    chi2 = float(np.sum((obs - exp) ** 2 / exp))
+    assert chi2 < _chi_square_bound(len(obs) - 1), (chi2, len(obs))
+
+
+@pytest.mark.parametrize(
+    "trunc",
+    [{"top_k": 5}, {"top_p": 0.6}, {"min_p": 0.2}, {"top_k": 8, "top_p": 0.8, "min_p": 0.1}],
+    ids=["top_k", "top_p", "min_p", "all"],
+)
+def test_truncation_never_emits_outside_the_allowed_set(model, h, trunc):
+    temperature = 1.3
+    prompt, prompt_mask = h.left_padded(3)
+    out = sample(
+        model,
+        prompt,
+        prompt_mask,
+        h.key(3),
+        max_new_tokens=T,
+        temperature=temperature,
+        eos_ids=(),
+        **trunc,
+    )
+    tokens = np.asarray(out.tokens)
+    logits = h.reference_logits(model, prompt, prompt_mask, tokens, np.asarray(out.mask))
+    flat = logits.reshape(-1, h.VOCAB)
+    keep = _allowed(flat, temperature, **trunc)
+    assert keep[np.arange(flat.shape[0]), tokens.reshape(-1)].all()
+    assert (keep.sum(-1) < h.VOCAB).all()  # the truncation actually cut something
+    np.testing.assert_allclose(
+        np.asarray(out.truncated_entropy).reshape(-1), _entropy(flat / temperature, keep), atol=1e-4
+    )
+    # logp and entropy stay those of the full temperature-scaled distribution.
+    logp, entropy = h.reference_stats(model, prompt, prompt_mask, out, temperature)
+    np.testing.assert_allclose(np.asarray(out.logp), logp, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(out.entropy), entropy, atol=1e-4)
+
+
+def test_everything_after_eos_is_masked(model, h):
+    prompt, prompt_mask = h.left_padded(4, b=8)
+    eos = tuple(range(4, 40))  # a third of the vocabulary: rows end early
+    t = 24
+    out = sample(model, prompt, prompt_mask, h.key(4), max_new_tokens=t, eos_ids=eos, pad_id=0)
+    tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
+    lengths = np.asarray(out.lengths)
+    assert (lengths < t).any()
+    for b in range(8):
+        is_eos = np.isin(tokens[b], eos) & mask[b]
+        n = int(np.argmax(is_eos)) + 1 if is_eos.any() else t
+        assert lengths[b] == n
+        np.testing.assert_array_equal(mask[b], np.arange(t) < n)
+        assert not np.isin(tokens[b, : n - 1], eos).any()
+        assert (tokens[b, n:] == 0).all()
+        for field in (out.logp, out.entropy, out.truncated_entropy):
+            assert (np.asarray(field)[b, n:] == 0).all()
+    logp, entropy = h.reference_stats(model, prompt, prompt_mask, out, 1.0)
+    np.testing.assert_allclose(np.where(mask, out.logp, 0), np.where(mask, logp, 0), atol=1e-4)
+    np.testing.assert_allclose(
+        np.where(mask, out.entropy, 0), np.where(mask, entropy, 0), atol=1e-4
+    )
+
+
+def test_same_key_same_output_and_rows_are_independent(model, h):
+    prompt, prompt_mask = h.left_padded(5)
+    kw = dict(max_new_tokens=T, eos_ids=())
+    a = sample(model, prompt, prompt_mask, h.key(11), **kw)
+    b = sample(model, prompt, prompt_mask, h.key(11), **kw)
+    c = sample(model, prompt, prompt_mask, h.key(12), **kw)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert not np.array_equal(np.asarray(a.tokens), np.asarray(c.tokens))
+    # Explicit row keys: row 2 alone draws what it drew inside the batch.
+    row_keys = jax.random.split(h.key(11), 4)
+    full = sample(model, prompt, prompt_mask, row_keys, **kw)
+    alone = sample(model, prompt[2:3], prompt_mask[2:3], row_keys[2:3], **kw)
+    np.testing.assert_array_equal(np.asarray(alone.tokens)[0], np.asarray(full.tokens)[2])
+
+
+def test_second_call_with_same_shapes_does_not_recompile(model, h):
+    kw = dict(max_new_tokens=T, top_p=0.9)
+    prompt, prompt_mask = h.left_padded(6)
+    sample(model, prompt, prompt_mask, h.key(0), temperature=0.9, eos_ids=(5, 6), **kw)
+    before = compiled_cache_sizes()
+    # New contents, a shorter prompt in the same length bucket, other traced options.
+    prompt2, prompt_mask2 = h.left_padded(7, s=5)
+    sample(model, prompt2, prompt_mask2, h.key(1), temperature=1.1, eos_ids=(7, 8, 9), **kw)
+    sample(
+        model,
+        prompt2,
+        prompt_mask2,
+        h.key(2),
+        temperature=1.1,
+        eos_ids=(7, 8),
+        **{**kw, "top_p": 0.5},
+    )
+    # New weights of the same architecture, given as an nnx.split pair (as a train state holds them).
+    other = nnx.clone(model)
+    other.lm_head.set_value(other.lm_head[...] * 1.5)
+    pair = sample(
+        nnx.split(other), prompt2, prompt_mask2, h.key(3), temperature=1.1, eos_ids=(7, 8), **kw
+    )
+    direct = sample(other, prompt2, prompt_mask2, h.key(3), temperature=1.1, eos_ids=(7, 8), **kw)
+    np.testing.assert_array_equal(np.asarray(pair.tokens), np.asarray(direct.tokens))
+    assert compiled_cache_sizes() == before
