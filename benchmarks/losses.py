@@ -7,6 +7,12 @@ the ones measured, with the machine.
     python benchmarks/losses.py                       # B in {64, 256}, T in {512, 2048}
     python benchmarks/losses.py --batch 64 --length 512 --repeats 5
 
+Cases: ``grpo`` / ``erpo`` are the end-to-end ``grpo_loss`` / ``erpo_loss``
+under ``value_and_grad`` (advantages computed inside); ``+aux`` also returns
+the diagnostics; ``erpo_advantages_once`` + ``erpo_policy_step`` is how the
+train step runs ERPO (advantages once per batch, then the differentiated
+policy loss on them).
+
 ERPO here runs everything the paper's method needs inside the step: the
 entropy gate, the bucket normalization of the progress signal (eta > 0, so
 ``ref_logp`` is used), the synthesis and the clipped surrogate with a KL
@@ -61,6 +67,20 @@ def _steps(agg: str):
         # them (ERPO's entropy p90 is an exact sort of all valid entropies).
         steps[name] = jax.jit(jax.value_and_grad(lambda lp, x, fn=fn: fn(lp, x)[0]))
         steps[name + "+aux"] = jax.jit(jax.value_and_grad(fn, has_aux=True))
+
+    # The train-step path: token advantages need no parameters, so a train
+    # step computes them once per rollout batch and differentiates only the
+    # policy loss (per micro-batch, per PPO epoch); the same holds for GRPO.
+    def erpo_advantages(_, x):
+        return L.erpo_token_advantages(x["rewards"], x["entropy"], x["mask"],
+                                       old_logp=x["old_logp"], ref_logp=x["ref_logp"])  # fmt: skip
+
+    def erpo_policy(logp, x):
+        return L.policy_loss(logp, x["old_logp"], x["adv_tok"], x["mask"], ref_logp=x["ref_logp"],
+                             kl_coef=0.01, agg=agg)[0]  # fmt: skip
+
+    steps["erpo_advantages_once"] = jax.jit(erpo_advantages)
+    steps["erpo_policy_step"] = jax.jit(jax.value_and_grad(erpo_policy))
     return steps
 
 
@@ -96,6 +116,7 @@ def main() -> None:
     for b in args.batch:
         for t in args.length:
             x = _batch(b, t, args.group)
+            x["adv_tok"] = steps["erpo_advantages_once"](x["logp"], x)
             med = {}
             for name, fn in steps.items():
                 med[name], compile_s = _time(fn, x["logp"], x, args.repeats)
@@ -108,6 +129,7 @@ def main() -> None:
                 "bench": "loss_and_grad_ratio", "B": b, "T": t,
                 "erpo_over_grpo": round(med["erpo"] / med["grpo"], 3),
                 "with_aux_erpo_over_grpo": round(med["erpo+aux"] / med["grpo+aux"], 3),
+                "policy_step_erpo_over_grpo": round(med["erpo_policy_step"] / med["grpo"], 3),
             }), flush=True)  # fmt: skip
 
 
