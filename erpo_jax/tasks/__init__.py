@@ -14,7 +14,8 @@ solvable only), ``build_countdown_tokenizer`` (character-level, HF format),
 ``load_math_file`` / ``load_hf_dataset`` / ``load_tfds_dataset`` and
 ``format_math_prompt``.
 
-Evaluation estimators: ``pass_at_k`` (unbiased), ``maj_at_k``.
+Evaluation estimators: ``pass_at_k`` (unbiased), ``maj_at_k``; ``evaluate`` samples a
+policy on problems and reports pass@1 (greedy, sampled), pass@k, maj@k and sampling stats.
 
 Importing this package is light (NumPy only); ``tokenizers``,
 ``math_verify``, ``pyarrow``, ``datasets`` and ``tensorflow_datasets`` are
@@ -41,6 +42,7 @@ from erpo_jax.tasks._countdown import (
     generate_countdown,
     solve_countdown,
 )
+from erpo_jax.tasks._evaluate import EVAL_TASKS, EvalResult, EvalSample, evaluate
 from erpo_jax.tasks._math_verifier import (
     MathVerifier,
     VerifierStats,
@@ -62,25 +64,32 @@ from erpo_jax.tasks._sources import (
     problems_from_rows,
 )
 from erpo_jax.tasks._tokenizer import COUNTDOWN_SPECIAL_TOKENS, build_countdown_tokenizer
+from erpo_jax.tasks.toy_model import ToyModelRecipe, build_toy_base_model
 
 __all__ = [
     "COUNTDOWN_LEVELS",
     "COUNTDOWN_SPECIAL_TOKENS",
+    "EVAL_TASKS",
     "QWEN_MATH_INSTRUCTION",
     "CountdownLevel",
     "CountdownProblem",
+    "EvalResult",
+    "EvalSample",
     "LoadedProblems",
     "MalformedRowWarning",
     "MathProblem",
     "MathVerifier",
     "SkippedRow",
+    "ToyModelRecipe",
     "VerifierStats",
     "VerifierTimeoutWarning",
     "build_countdown_tokenizer",
+    "build_toy_base_model",
     "countdown_prompt",
     "countdown_reachable",
     "countdown_reward",
     "countdown_split",
+    "evaluate",
     "evaluate_countdown_expression",
     "extract_boxed",
     "extract_completion_answer",
