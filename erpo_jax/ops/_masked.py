@@ -8,6 +8,7 @@ row or group gives a finite zero rather than ``0 / 0``.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from erpo_jax.typing import Array, ArrayLike, Bool, Float
@@ -85,15 +86,46 @@ def masked_group_moments(
     return mean, jnp.sqrt(var), count
 
 
+def _sortable_key(x: Array) -> Array:
+    """float32 -> uint32 whose unsigned order is the float order (negative floats flipped)."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    negative = (bits >> 31) == 1
+    return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def _float_of_key(key: Array) -> Array:
+    bits = jnp.where((key >> 31) == 1, key & jnp.uint32(0x7FFFFFFF), ~key)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _kth_smallest_key(key: Array, mask: Array, rank: Array) -> Array:
+    """The key of the ``rank``-th smallest (0-based) selected entry, by radix selection.
+
+    Builds the answer bit by bit, from the top: the largest ``ans`` with
+    ``#{selected key < ans} <= rank`` is that entry's key. 32 counting passes,
+    each a fused compare-and-sum, instead of a full sort (which XLA:CPU runs
+    single-threaded and which was 20x slower at a million entries).
+    """
+
+    def body(i, ans):
+        trial = ans | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
+        below = jnp.sum(mask & (key < trial), dtype=jnp.int32)
+        return jnp.where(below <= rank, trial, ans)
+
+    return jax.lax.fori_loop(0, 32, body, jnp.uint32(0))
+
+
 def masked_quantile(
     x: Float[ArrayLike, "..."], mask: Bool[ArrayLike, "..."], q: float
 ) -> Float[Array, ""]:
     """The ``q``-quantile of the selected entries of ``x`` (NumPy's "linear" rule).
 
-    Works under ``jit`` with a data-dependent number of selected entries: the
-    values are sorted with masked ones pushed to the end, and the quantile
-    interpolates between ranks ``floor(q * (n - 1))`` and ``ceil(q * (n - 1))``
-    of the ``n`` selected values, exactly as ``numpy.quantile`` does.
+    Works under ``jit`` with a data-dependent number ``n`` of selected
+    entries: it interpolates between the order statistics of ranks
+    ``floor(q * (n - 1))`` and the next one, exactly as ``numpy.quantile``
+    does. The order statistic is found by radix selection on the float bits
+    (:func:`_kth_smallest_key`), the next one as the smallest selected value
+    above it: O(32 n) work and no sort.
 
     Returns:
       A float32 scalar; ``+inf`` when nothing is selected (so that a
@@ -101,15 +133,20 @@ def masked_quantile(
     """
     x = jnp.asarray(x, jnp.float32).reshape(-1)
     mask = jnp.asarray(mask, bool).reshape(-1)
-    n = jnp.sum(mask)
-    ordered = jnp.sort(jnp.where(mask, x, jnp.inf))
+    n = jnp.sum(mask, dtype=jnp.int32)
     rank = q * jnp.maximum(n - 1, 0).astype(jnp.float32)
     lo = jnp.floor(rank).astype(jnp.int32)
-    hi = jnp.minimum(lo + 1, jnp.maximum(n - 1, 0))
     frac = rank - lo.astype(jnp.float32)
-    x_lo, x_hi = ordered[lo], ordered[hi]
-    # NumPy's linear rule written as lo + frac * (hi - lo) would give nan when
-    # hi is +inf; frac is 0 in that case only if lo == hi, so select instead.
+    key = _sortable_key(x)
+    k_lo = _kth_smallest_key(key, mask, lo)
+    x_lo = _float_of_key(k_lo)
+    # The next order statistic: the same value if it repeats, else the
+    # smallest selected value above it.
+    repeats = jnp.sum(mask & (key <= k_lo), dtype=jnp.int32) >= lo + 2
+    k_next = jnp.min(jnp.where(mask & (key > k_lo), key, jnp.uint32(0xFFFFFFFF)))
+    x_hi = jnp.where(repeats, x_lo, _float_of_key(k_next))
+    # lo + frac * (hi - lo) would be nan if hi were +inf; frac is 0 exactly
+    # when rank is an integer, so select instead.
     value = jnp.where(frac > 0, x_lo + frac * (x_hi - x_lo), x_lo)
     return jnp.where(n > 0, value, jnp.inf)
 
