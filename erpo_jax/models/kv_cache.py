@@ -25,16 +25,21 @@ class KVCache(NamedTuple):
     """Keys and values of every layer for ``C`` slots.
 
     Attributes:
-      k: keys after RoPE, ``[L, B, C, K, H]`` in the compute dtype.
-      v: values, ``[L, B, C, K, H]``.
+      k: keys after RoPE, one ``[B, K, C, H]`` array per layer (a tuple of
+        L), in the compute dtype. Per-layer arrays, not one stacked
+        ``[L, ...]`` array: attention reads a layer's cache as stored, where
+        slicing a stacked cache would copy it at every decode step (measured:
+        9x slower decoding at 2,560 slots). Heads before slots, so attention
+        needs no transpose of the cache either.
+      v: values, the same layout.
       mask: ``[B, C]`` bool, True where a slot holds a real (non-padding) token.
       positions: ``[B]`` int32, number of real tokens seen so far per row
         (the RoPE position of the row's next token).
       index: ``[]`` int32, the next slot to write (shared by all rows).
     """
 
-    k: Float[Array, "L B C K H"]
-    v: Float[Array, "L B C K H"]
+    k: tuple[Float[Array, "B K C H"], ...]
+    v: tuple[Float[Array, "B K C H"], ...]
     mask: Bool[Array, "B C"]
     positions: Int[Array, " B"]
     # Shadows tuple.index on purpose: "the next free slot" is the natural name.
@@ -43,7 +48,7 @@ class KVCache(NamedTuple):
     @property
     def max_length(self) -> int:
         """C, the number of slots."""
-        return self.k.shape[2]
+        return self.k[0].shape[2]
 
 
 def init_kv_cache(
@@ -65,10 +70,10 @@ def init_kv_cache(
     ):
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"init_kv_cache: {name} must be a positive int, got {value!r}")
-    shape = (num_layers, batch_size, max_length, num_kv_heads, head_dim)
+    shape = (batch_size, num_kv_heads, max_length, head_dim)
     return KVCache(
-        k=jnp.zeros(shape, dtype),
-        v=jnp.zeros(shape, dtype),
+        k=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
+        v=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
         mask=jnp.zeros((batch_size, max_length), bool),
         positions=jnp.zeros((batch_size,), jnp.int32),
         index=jnp.zeros((), jnp.int32),
