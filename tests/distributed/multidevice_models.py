@@ -10,19 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import tempfile
 
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 os.environ["JAX_PLATFORMS"] = "cpu"
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-from jax.sharding import Mesh  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
 
-from erpo_jax.models import Decoder, ModelConfig, load_hf_checkpoint, save_hf_checkpoint  # noqa: E402
+from erpo_jax.models import Decoder, ModelConfig, load_hf_checkpoint, save_hf_checkpoint
 
 assert jax.device_count() == 8, jax.devices()
 config = dataclasses.replace(
