@@ -29,6 +29,13 @@ def _parse():
     p.add_argument("--vocab", type=int, default=151936)
     p.add_argument("--width", type=int, default=256, help="D, the hidden size")
     p.add_argument("--chunk-sizes", type=int, nargs="+", default=[256, 1024])
+    p.add_argument(
+        "--vocab-chunk-sizes",
+        type=int,
+        nargs="*",
+        default=[8192],
+        help="vocabulary tiles, each run with the smallest --chunk-sizes value",
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--modes", nargs="+", default=["forward", "value_and_grad"])
     p.add_argument(
@@ -51,9 +58,11 @@ def main():
     unembed = jnp.asarray(rng.standard_normal((args.width, args.vocab)) * 0.05, jnp.float32)
     tokens = jnp.asarray(rng.integers(0, args.vocab, (1, args.tokens)), jnp.int32)
 
-    def make(mode, chunk_size):
+    def make(mode, chunk_size, vocab_chunk_size):
         def head(h, w):
-            logp, entropy = token_logp_and_entropy(h, w, tokens, chunk_size=chunk_size)
+            logp, entropy = token_logp_and_entropy(
+                h, w, tokens, chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size
+            )
             return jnp.sum(logp) + jnp.sum(entropy)
 
         if mode == "forward":
@@ -62,8 +71,10 @@ def main():
 
     results = {}
     for mode in args.modes:
-        for chunk_size in [None, *args.chunk_sizes]:
-            fn = make(mode, chunk_size)
+        cases = [(None, None)] + [(c, None) for c in args.chunk_sizes]
+        cases += [(min(args.chunk_sizes), v) for v in args.vocab_chunk_sizes]
+        for chunk_size, vocab_chunk_size in cases:
+            fn = make(mode, chunk_size, vocab_chunk_size)
             t0 = time.perf_counter()
             compiled = fn.lower(hidden, unembed).compile()
             compile_s = time.perf_counter() - t0
@@ -78,6 +89,7 @@ def main():
                 "bench": "logp_entropy_memory",
                 "mode": mode,
                 "chunk_size": chunk_size,
+                "vocab_chunk_size": vocab_chunk_size,
                 "tokens": args.tokens,
                 "vocab": args.vocab,
                 "width": args.width,
@@ -100,7 +112,11 @@ def main():
                 row["peak_ratio_vs_unchunked"] = row["peak_bytes"] / base["peak_bytes"]
                 if "seconds" in row:
                     row["time_ratio_vs_unchunked"] = row["seconds"] / base["seconds"]
-            results[(mode, chunk_size)] = row
+            results[
+                (mode, chunk_size)
+                if vocab_chunk_size is None
+                else (mode, chunk_size, vocab_chunk_size)
+            ] = row
             print(json.dumps(row), flush=True)
 
 

@@ -18,6 +18,8 @@ so peak memory is ``O(chunk_size * V)`` regardless of ``B * T``.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -33,6 +35,7 @@ def token_logp_and_entropy(
     *,
     temperature: float | Float[ArrayLike, ""] = 1.0,
     chunk_size: int | None = None,
+    vocab_chunk_size: int | None = None,
 ) -> tuple[Float[Array, "B T"], Float[Array, "B T"]]:
     """Log-probability of ``tokens`` and entropy under ``softmax(hidden @ unembed / temperature)``.
 
@@ -48,13 +51,19 @@ def token_logp_and_entropy(
       unembed: ``[D, V]`` unembedding matrix (``Decoder.unembedding()``).
       tokens: ``[B, T]`` ids in ``[0, V)`` whose log-probability is returned.
         An id outside that range (e.g. a padding sentinel) selects no logit:
-        its ``logp`` is ``-logsumexp(z)``, finite but meaningless; mask it.
+        its ``logp`` is 0 with no gradient, meaningless; mask it.
       temperature: positive scalar dividing the logits (a Python number or a
         traced scalar; it gets no gradient in the chunked path).
       chunk_size: ``None`` computes all ``[B, T, V]`` logits at once
         (autodiff). A positive int processes ``chunk_size`` tokens (of the
         flattened ``B * T``) at a time with a custom VJP that recomputes each
         chunk in the backward pass, never materialising ``[B, T, V]``.
+      vocab_chunk_size: with ``chunk_size``, also split the vocabulary into
+        tiles of this many columns and combine them with an online
+        (running-max) logsumexp and entropy, so that peak memory is
+        ``O(chunk_size * vocab_chunk_size)``: independent of ``V`` as well as
+        of ``B * T`` (the weight gradient ``[D, V]`` aside). ``None`` takes
+        each token chunk's whole vocabulary at once.
 
     Returns:
       ``(logp [B, T], entropy [B, T])``, float32.
@@ -73,6 +82,21 @@ def token_logp_and_entropy(
             f"token_logp_and_entropy: hidden has width D={hidden.shape[-1]} but unembed "
             f"has shape {tuple(unembed.shape)}; expected [D, V]"
         )
+    if vocab_chunk_size is not None:
+        if chunk_size is None:
+            raise ValueError(
+                "token_logp_and_entropy: vocab_chunk_size needs chunk_size (tokens are "
+                "chunked first, then each chunk's vocabulary)"
+            )
+        if (
+            not isinstance(vocab_chunk_size, int)
+            or isinstance(vocab_chunk_size, bool)
+            or not 0 < vocab_chunk_size
+        ):
+            raise ValueError(
+                "token_logp_and_entropy: vocab_chunk_size must be None or a positive int, "
+                f"got {vocab_chunk_size!r}"
+            )
     inv_temp = 1.0 / jnp.asarray(temperature, jnp.float32)
     tokens = tokens.astype(jnp.int32)
     if chunk_size is None:
@@ -86,7 +110,11 @@ def token_logp_and_entropy(
     pad = num_chunks * chunk_size - n
     h = jnp.pad(hidden.reshape(n, d), ((0, pad), (0, 0))).reshape(num_chunks, chunk_size, d)
     tok = jnp.pad(tokens.reshape(n), (0, pad)).reshape(num_chunks, chunk_size)
-    logp, entropy = _chunked(h, unembed, tok, inv_temp)
+    vocab = unembed.shape[1]
+    if vocab_chunk_size is not None and vocab_chunk_size < vocab:
+        logp, entropy = _tiled(h, unembed, tok, inv_temp, vocab_chunk_size)
+    else:
+        logp, entropy = _chunked(h, unembed, tok, inv_temp)
     return logp.reshape(-1)[:n].reshape(b, t), entropy.reshape(-1)[:n].reshape(b, t)
 
 
@@ -142,6 +170,8 @@ def _chunked_bwd(res, cotangents):
         logp_all = (z - jnp.max(z, axis=-1, keepdims=True)) - lse_c[:, None]
         p = jnp.exp(logp_all)
         onehot = tok_c[:, None] == jnp.arange(vocab, dtype=jnp.int32)
+        # An id outside the vocabulary has logp 0 (a constant): no gradient.
+        gl_c = jnp.where((tok_c >= 0) & (tok_c < vocab), gl_c, 0.0)
         g_z = gl_c[:, None] * (jnp.where(onehot, 1.0, 0.0) - p)
         g_z = g_z - ge_c[:, None] * p * (logp_all + ent_c[:, None])
         # z = (h @ w) * inv_temp; matmuls in the input dtype, accumulated in float32.
@@ -157,3 +187,116 @@ def _chunked_bwd(res, cotangents):
 
 
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)
+
+
+# ----------------------------------------------------------- vocabulary tiles
+
+
+def _tile(w, j, tile):
+    """Columns ``[start, start + tile)`` of ``w`` for tile ``j`` and a mask of the new ones.
+
+    The last tile is shifted left to stay inside ``V`` (no padded copy of
+    ``w``); the columns it shares with the previous tile are masked out.
+    """
+    vocab = w.shape[1]
+    start = jnp.minimum(j * tile, vocab - tile)
+    cols = start + jnp.arange(tile, dtype=jnp.int32)
+    fresh = cols >= j * tile
+    return jax.lax.dynamic_slice_in_dim(w, start, tile, axis=1), cols, fresh, start
+
+
+def _tiled_stats(h_c, w, tok_c, inv_temp, tile):
+    """``(logp, entropy, lse)`` of one token chunk by an online pass over vocabulary tiles.
+
+    Running max ``m``, ``s = sum exp(z - m)`` and ``a = sum exp(z - m) (z - m)``
+    (relative to the running max, so the entropy ``log s - a / s`` suffers
+    no cancellation between large logits), rescaled when ``m`` grows.
+    """
+    c = h_c.shape[0]
+    num_tiles = -(-w.shape[1] // tile)
+
+    def body(carry, j):
+        m, s, a, z_tok = carry
+        w_t, cols, fresh, _ = _tile(w, j, tile)
+        z = jnp.einsum("cd,dv->cv", h_c, w_t, preferred_element_type=jnp.float32) * inv_temp
+        z = jnp.where(fresh, z, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(z, axis=-1))
+        scale = jnp.exp(m - m_new)
+        e = jnp.exp(z - m_new[:, None])
+        zr = jnp.where(fresh, z - m_new[:, None], 0.0)
+        s_new = s * scale + jnp.sum(e, axis=-1)
+        # Before the first tile m is -inf and s is 0: no rescaling term.
+        shift = jnp.where(jnp.isfinite(m), m - m_new, 0.0)
+        a_new = scale * (a + s * shift) + jnp.sum(e * zr, axis=-1)
+        hit = (tok_c[:, None] == cols) & fresh
+        z_tok = z_tok + jnp.sum(jnp.where(hit, z, 0.0), axis=-1)
+        return (m_new, s_new, a_new, z_tok), None
+
+    init = (
+        jnp.full((c,), -jnp.inf, jnp.float32),
+        jnp.zeros((c,), jnp.float32),
+        jnp.zeros((c,), jnp.float32),
+        jnp.zeros((c,), jnp.float32),
+    )
+    # The first tile always holds a finite logit, so m is finite after it and
+    # exp(m - m_new) never sees inf - inf.
+    (m, s, a, z_tok), _ = jax.lax.scan(body, init, jnp.arange(num_tiles, dtype=jnp.int32))
+    lse = m + jnp.log(s)
+    in_vocab = (tok_c >= 0) & (tok_c < w.shape[1])
+    return jnp.where(in_vocab, z_tok - lse, 0.0), jnp.log(s) - a / s, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _tiled(h, w, tok, inv_temp, tile):
+    """As :func:`_chunked`, with each chunk's vocabulary in tiles of ``tile`` columns."""
+    (logp, entropy), _ = _tiled_fwd(h, w, tok, inv_temp, tile)
+    return logp, entropy
+
+
+def _tiled_fwd(h, w, tok, inv_temp, tile):
+    def body(_, xs):
+        h_c, tok_c = xs
+        return None, _tiled_stats(h_c, w, tok_c, inv_temp, tile)
+
+    _, (logp, entropy, lse) = jax.lax.scan(body, None, (h, tok))
+    return (logp, entropy), (h, w, tok, inv_temp, entropy, lse)
+
+
+def _tiled_bwd(tile, res, cotangents):
+    h, w, tok, inv_temp, entropy, lse = res
+    g_logp, g_entropy = cotangents
+    num_tiles = -(-w.shape[1] // tile)
+
+    def chunk(g_w, xs):
+        h_c, tok_c, ent_c, lse_c, gl_c, ge_c = xs
+        # An id outside the vocabulary has logp 0 (a constant): no gradient.
+        gl_in = jnp.where((tok_c >= 0) & (tok_c < w.shape[1]), gl_c, 0.0)
+
+        def tile_body(carry, j):
+            g_w, g_h_c = carry
+            w_t, cols, fresh, start = _tile(w, j, tile)
+            z = jnp.einsum("cd,dv->cv", h_c, w_t, preferred_element_type=jnp.float32) * inv_temp
+            logp_all = z - lse_c[:, None]
+            p = jnp.where(fresh, jnp.exp(logp_all), 0.0)
+            onehot = (tok_c[:, None] == cols) & fresh
+            g_z = gl_in[:, None] * (jnp.where(onehot, 1.0, 0.0) - p)
+            g_z = g_z - ge_c[:, None] * p * (jnp.where(fresh, logp_all, 0.0) + ent_c[:, None])
+            g_raw = (g_z * inv_temp).astype(w.dtype)
+            g_h_c = g_h_c + jnp.einsum("cv,dv->cd", g_raw, w_t, preferred_element_type=jnp.float32)
+            old = jax.lax.dynamic_slice_in_dim(g_w, start, tile, axis=1)
+            new = old + jnp.einsum("cd,cv->dv", h_c, g_raw, preferred_element_type=jnp.float32)
+            return (jax.lax.dynamic_update_slice_in_dim(g_w, new, start, axis=1), g_h_c), None
+
+        g_h_c = jnp.zeros(h_c.shape, jnp.float32)
+        (g_w, g_h_c), _ = jax.lax.scan(
+            tile_body, (g_w, g_h_c), jnp.arange(num_tiles, dtype=jnp.int32)
+        )
+        return g_w, g_h_c.astype(h.dtype)
+
+    g_w, g_h = jax.lax.scan(
+        chunk, jnp.zeros(w.shape, jnp.float32), (h, tok, entropy, lse, g_logp, g_entropy)
+    )
+    return g_h, g_w.astype(w.dtype), None, jnp.zeros_like(inv_temp)
+
+
+_tiled.defvjp(_tiled_fwd, _tiled_bwd)
