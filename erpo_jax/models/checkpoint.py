@@ -315,7 +315,22 @@ def save_hf_checkpoint(
 
 
 def load_tokenizer(path: str | os.PathLike):
-    """``transformers.AutoTokenizer`` from a local checkpoint directory (no download)."""
+    """``transformers.AutoTokenizer`` from a local checkpoint directory (no download).
+
+    Raises:
+      FileNotFoundError: the directory is missing, or holds no tokenizer
+        files (``tokenizer.json`` or a slow tokenizer's vocabulary); the
+        message names the directory.
+    """
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(os.fspath(path), local_files_only=True)
+    directory = os.fspath(path)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"load_tokenizer: {directory!r} is not a directory")
+    try:
+        return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(
+            f"load_tokenizer: no usable tokenizer in {directory!r} (expected tokenizer.json "
+            f"and tokenizer_config.json, as Hugging Face checkpoints ship them): {err}"
+        ) from err

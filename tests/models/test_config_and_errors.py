@@ -171,3 +171,25 @@ def test_save_rejects_a_config_that_does_not_fit_the_model(checkpoint, tmp_path)
     model, _ = load_hf_checkpoint(checkpoint)
     with pytest.raises(ValueError, match=r"layers.gate_proj has shape \(2, 16, 24\)"):
         save_hf_checkpoint(model, dataclasses.replace(CONFIG, intermediate_size=20), tmp_path)
+
+
+def test_load_tokenizer_errors_name_the_directory(tmp_path):
+    from erpo_jax.models import load_tokenizer
+
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        load_tokenizer(tmp_path / "missing")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(
+        FileNotFoundError, match=r"no usable tokenizer in .*expected tokenizer.json"
+    ):
+        load_tokenizer(tmp_path)
+
+
+def test_load_tokenizer_reads_a_local_tokenizer(tmp_path):
+    from erpo_jax.models import load_tokenizer
+    from erpo_jax.tasks import build_countdown_tokenizer
+
+    build_countdown_tokenizer(tmp_path)
+    tok = load_tokenizer(tmp_path)
+    ids = tok("Numbers: 3 5\n")["input_ids"]
+    assert tok.decode(ids, skip_special_tokens=True) == "Numbers: 3 5\n"
