@@ -1,4 +1,4 @@
-"""Run by tests/distributed/test_losses_multidevice.py in a fresh process with 8 CPU devices.
+"""Run by tests/distributed/test_multidevice.py in a fresh process with 8 CPU devices.
 
 Checks that the pure losses work under ``pmap`` and ``shard_map`` and that a
 data-parallel loss (rows split over devices by whole prompt groups, numerator

@@ -1,4 +1,4 @@
-"""Run by tests/distributed/test_models_multidevice.py in a fresh process with 8 CPU devices.
+"""Run by tests/distributed/test_multidevice.py in a fresh process with 8 CPU devices.
 
 Saves a tiny random decoder in Hugging Face format, loads it onto a
 (fsdp=4, tensor=2) mesh with ``load_hf_checkpoint(..., mesh=...)``, and checks

@@ -1,0 +1,36 @@
+"""Losses and models on 8 simulated CPU devices (pmap, shard_map, mesh placement).
+
+XLA_FLAGS must be set before jax is imported, so each check is a script
+beside this file, run in a fresh Python process; it prints ``OK`` last.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        "multidevice_losses.py",  # pmap, and shard_map data parallelism with psum
+        "multidevice_models.py",  # load_hf_checkpoint onto an (fsdp, tensor) mesh
+    ],
+)
+def test_on_eight_devices(script):
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
+    )
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name(script))],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip().endswith("OK")
