@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
-import tempfile
 import time
+
+from _tiny_qwen3 import pin_threads, tiny_qwen3_pair
 
 
 def _parse():
@@ -50,41 +50,18 @@ def _median_seconds(fn, repeats):
 def main():
     args = _parse()
     # Thread counts must be fixed before either library starts its pools.
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "")
-        + f" --xla_cpu_multi_thread_eigen={'true' if args.threads > 1 else 'false'}"
-        + f" intra_op_parallelism_threads={args.threads}"
-    )
+    pin_threads(args.threads)
     import jax
     import numpy as np
     import torch
-    from transformers import AutoModelForCausalLM, Qwen3Config
 
-    from erpo_jax.models import load_hf_checkpoint
     from erpo_jax.sampling import sample
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    hf_config = Qwen3Config(
-        vocab_size=4096,
-        hidden_size=256,
-        intermediate_size=768,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        head_dim=32,
-        tie_word_embeddings=True,
-    )
-    torch_model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).eval()
+    hf_config, torch_model, model = tiny_qwen3_pair()
     rng = np.random.default_rng(0)
     b, s, t = args.batch, args.prompt_len, args.new_tokens
     tokens = rng.integers(0, hf_config.vocab_size, (b, s)).astype(np.int32)
     mask = np.ones_like(tokens, bool)
-
-    with tempfile.TemporaryDirectory() as path:
-        torch_model.save_pretrained(path)
-        model, _ = load_hf_checkpoint(path)
 
     common = {
         "bench": "sampler",
