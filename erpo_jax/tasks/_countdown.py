@@ -156,29 +156,10 @@ def _reachable_with_expressions(numbers: tuple[int, ...]) -> dict[Fraction, str]
 def countdown_reachable(numbers: tuple[int, ...] | list[int]) -> set[int]:
     """Integers reachable from ``numbers`` (each used at most once), by brute force.
 
-    The same subset dynamic programming as ``solve_countdown``, on values only.
+    The integer values of the same subset search as ``solve_countdown``.
     """
-    n = len(numbers)
-    values: list[set[Fraction]] = [set() for _ in range(1 << n)]
-    for i, x in enumerate(numbers):
-        values[1 << i].add(Fraction(x))
-    for mask in sorted(range(1, 1 << n), key=lambda m: m.bit_count()):
-        if mask.bit_count() < 2:
-            continue
-        table = values[mask]
-        sub = (mask - 1) & mask
-        while sub:
-            other = mask ^ sub
-            if sub < other:
-                for a in values[sub]:
-                    for b in values[other]:
-                        table.update((a + b, a * b, a - b, b - a))
-                        if b:
-                            table.add(a / b)
-                        if a:
-                            table.add(b / a)
-            sub = (sub - 1) & mask
-    return {int(v) for table in values for v in table if v.denominator == 1}
+    reachable = _reachable_with_expressions(tuple(numbers))
+    return {int(v) for v in reachable if v.denominator == 1}
 
 
 def solve_countdown(numbers: tuple[int, ...] | list[int], target: int) -> str | None:
