@@ -12,7 +12,13 @@ Subcommands that exist today:
   Without ``--checkpoint`` it evaluates the toy Countdown base model,
   training it on first use (minutes on a CPU) and reusing it after.
 
-``train`` and ``plan`` arrive with the trainer issues.
+- ``erpo-jax train [--config FILE] [--out DIR] [--resume] [key=value ...]``:
+  RL training (``erpo_jax.train``). With no arguments it is the embedded
+  default job: ERPO on the toy Countdown task on CPU, printing the held-out
+  accuracy before and after.
+- ``erpo-jax plan --model PRESET --mesh data=..,fsdp=..,tensor=..``: per-device
+  memory of the train step and the sampler, compiled ahead of time on
+  abstract shapes over simulated devices, without allocating the model.
 
 Bad arguments print one line naming the flag and exit with status 2.
 """
@@ -176,7 +182,7 @@ def _eval_checkpoint(args: argparse.Namespace) -> Path:
         raise _UsageError(
             "--checkpoint is required for --task math (the default is the toy Countdown model)"
         )
-    from erpo_jax.tasks import build_toy_base_model
+    from erpo_jax.train import build_toy_base_model
 
     print(
         f"erpo-jax eval: toy base model under {args.data_dir} (built on first use)", file=sys.stderr
@@ -195,7 +201,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from erpo_jax.tasks import EVAL_TASKS
+    from erpo_jax.rollout import EVAL_TASKS
 
     if args.task not in EVAL_TASKS:
         raise _UsageError(f"--task {args.task!r} is unknown; allowed: {', '.join(EVAL_TASKS)}")
@@ -232,7 +238,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     import jax
 
     from erpo_jax.models import load_hf_checkpoint, load_tokenizer
-    from erpo_jax.tasks import evaluate
+    from erpo_jax.rollout import evaluate
 
     try:
         model, config = load_hf_checkpoint(checkpoint)
@@ -244,18 +250,9 @@ def _run_eval(args: argparse.Namespace) -> int:
         raise _UsageError(
             f"--checkpoint {str(checkpoint)!r}: cannot load its tokenizer ({err})"
         ) from None
-    eos_ids = set(config.eos_token_ids)
-    tok_eos = getattr(tokenizer, "eos_token_id", None)
-    if isinstance(tok_eos, int) and tok_eos < config.vocab_size:
-        eos_ids.add(tok_eos)
-    gen_path = checkpoint / "generation_config.json"
-    if gen_path.is_file():  # chat models list their end-of-turn id here
-        try:
-            gen_eos = json.loads(gen_path.read_text()).get("eos_token_id")
-        except (json.JSONDecodeError, OSError, AttributeError):
-            gen_eos = None
-        ids = gen_eos if isinstance(gen_eos, list) else [gen_eos]
-        eos_ids.update(i for i in ids if isinstance(i, int) and 0 <= i < config.vocab_size)
+    from erpo_jax.models import resolve_eos_ids
+
+    eos_ids = resolve_eos_ids(config, tokenizer, checkpoint)
 
     out = Path(args.out or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}")
     start = time.perf_counter()
@@ -272,7 +269,7 @@ def _run_eval(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             key=jax.random.key(args.seed),
             greedy=not args.no_greedy,
-            eos_ids=sorted(eos_ids),
+            eos_ids=eos_ids,
             template=args.template,
             think=args.think,
             progress=not args.no_progress,
@@ -290,6 +287,24 @@ def _run_eval(args: argparse.Namespace) -> int:
     print(json.dumps(result.summary, indent=2))
     print(f"erpo-jax eval: wrote {summary_path} and {samples_path}", file=sys.stderr)
     return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from erpo_jax.train import ConfigError, load_config, train
+
+    try:
+        config = load_config(args.config, args.overrides)
+        train(config, out=args.out, resume=args.resume)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"erpo-jax train: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from erpo_jax.train._plan import plan_command
+
+    return plan_command(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -369,6 +384,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-greedy", action="store_true", help="skip the greedy completions")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(fn=_eval)
+
+    p = sub.add_parser(
+        "train",
+        help="RL training (default: ERPO on the toy Countdown task)",
+        description="RL training. Config: dataclass defaults (the toy ERPO job), then --config "
+        "YAML, then key=value overrides (e.g. loss.name=grpo steps=50 mesh.data=8). Writes "
+        "config.yaml, metrics.jsonl, TensorBoard events, checkpoints/ and summary.json to --out.",
+    )
+    p.add_argument("--config", default=None, help="YAML config (e.g. experiments/configs/X.yaml)")
+    p.add_argument("--out", default=None, help="run directory (default: runs/train-<time>)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the latest checkpoint in --out"
+    )
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    p.set_defaults(fn=_train)
+
+    p = sub.add_parser(
+        "plan",
+        help="per-device memory of the train step and sampler for a model preset on a mesh",
+        description="Compiles the train step and the sampler ahead of time on abstract shapes "
+        "over simulated devices and prints per-device GiB for parameters, optimizer state, "
+        "activations/temporaries and the KV cache, without allocating the model.",
+    )
+    p.add_argument("--model", required=True, help="model preset name (see erpo_jax.models.PRESETS)")
+    p.add_argument("--mesh", default="data=1,fsdp=1,tensor=1", help="data=..,fsdp=..,tensor=..")
+    p.add_argument("--batch", type=int, default=64, help="completion rows per step, B = P*G")
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=1024)
+    p.add_argument("--device-gib", type=float, default=None, help="memory per device, GiB")
+    p.add_argument("--loss", default="grpo", help="loss.name (erpo adds the reference forward)")
+    p.add_argument("--dtype", default="bfloat16", help="compute dtype")
+    p.add_argument("--lora-rank", type=int, default=0)
+    p.add_argument("--micro-batches", type=int, default=1)
+    p.add_argument("--remat", action="store_true", help="recompute block activations")
+    p.set_defaults(fn=_plan)
     return parser
 
 

@@ -21,7 +21,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from erpo_jax.tasks import COUNTDOWN_LEVELS, ToyModelRecipe, build_toy_base_model
+    from erpo_jax.tasks import COUNTDOWN_LEVELS
+    from erpo_jax.train import ToyModelRecipe, build_toy_base_model
 
     default = ToyModelRecipe()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -16,10 +16,13 @@ from erpo_jax.models.checkpoint import (
 )
 from erpo_jax.models.config import PRESETS, SUPPORTED_MODEL_TYPES, ModelConfig, RopeScaling
 from erpo_jax.models.decoder import Decoder, positions_from_mask
+from erpo_jax.models.eos import END_OF_TURN_TOKENS, resolve_eos_ids
 from erpo_jax.models.kv_cache import KVCache, init_kv_cache
 from erpo_jax.models.lora import LORA_TARGETS, add_lora, merge_lora
+from erpo_jax.models.scoring import completion_hidden_states, score_completions
 
 __all__ = [
+    "END_OF_TURN_TOKENS",
     "LORA_TARGETS",
     "PRESETS",
     "SUPPORTED_MODEL_TYPES",
@@ -28,11 +31,14 @@ __all__ = [
     "ModelConfig",
     "RopeScaling",
     "add_lora",
+    "completion_hidden_states",
     "init_kv_cache",
     "load_hf_checkpoint",
     "load_tokenizer",
     "merge_lora",
     "param_partition_spec",
     "positions_from_mask",
+    "resolve_eos_ids",
     "save_hf_checkpoint",
+    "score_completions",
 ]

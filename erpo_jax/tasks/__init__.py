@@ -14,8 +14,13 @@ solvable only), ``build_countdown_tokenizer`` (character-level, HF format),
 ``load_math_file`` / ``load_hf_dataset`` / ``load_tfds_dataset`` and
 ``format_math_prompt``.
 
-Evaluation estimators: ``pass_at_k`` (unbiased), ``maj_at_k``; ``evaluate`` samples a
-policy on problems and reports pass@1 (greedy, sampled), pass@k, maj@k and sampling stats.
+The ``Task`` protocol (prompt text, reference answer, reward, answer key,
+stop strings) with ``CountdownTask`` and ``MathTask``; ``make_task(name)``.
+A user adds a task by writing one class with those members.
+
+Evaluation estimators: ``pass_at_k`` (unbiased), ``maj_at_k``. Sampling and
+evaluating a policy live above this package, in ``erpo_jax.rollout``; this
+package imports nothing from ``models`` or ``sampling``.
 
 Importing this package is light (NumPy only); ``tokenizers``,
 ``math_verify``, ``pyarrow``, ``datasets`` and ``tensorflow_datasets`` are
@@ -42,7 +47,6 @@ from erpo_jax.tasks._countdown import (
     generate_countdown,
     solve_countdown,
 )
-from erpo_jax.tasks._evaluate import EVAL_TASKS, EvalResult, EvalSample, evaluate
 from erpo_jax.tasks._math_verifier import (
     MathVerifier,
     VerifierStats,
@@ -63,33 +67,31 @@ from erpo_jax.tasks._sources import (
     load_tfds_dataset,
     problems_from_rows,
 )
+from erpo_jax.tasks._task import TASKS, CountdownTask, MathTask, Task, make_task
 from erpo_jax.tasks._tokenizer import COUNTDOWN_SPECIAL_TOKENS, build_countdown_tokenizer
-from erpo_jax.tasks.toy_model import ToyModelRecipe, build_toy_base_model
 
 __all__ = [
     "COUNTDOWN_LEVELS",
     "COUNTDOWN_SPECIAL_TOKENS",
-    "EVAL_TASKS",
     "QWEN_MATH_INSTRUCTION",
+    "TASKS",
     "CountdownLevel",
     "CountdownProblem",
-    "EvalResult",
-    "EvalSample",
+    "CountdownTask",
     "LoadedProblems",
     "MalformedRowWarning",
     "MathProblem",
+    "MathTask",
     "MathVerifier",
     "SkippedRow",
-    "ToyModelRecipe",
+    "Task",
     "VerifierStats",
     "VerifierTimeoutWarning",
     "build_countdown_tokenizer",
-    "build_toy_base_model",
     "countdown_prompt",
     "countdown_reachable",
     "countdown_reward",
     "countdown_split",
-    "evaluate",
     "evaluate_countdown_expression",
     "extract_boxed",
     "extract_completion_answer",
@@ -103,6 +105,7 @@ __all__ = [
     "load_tfds_dataset",
     "maj_at_k",
     "majority_vote",
+    "make_task",
     "math_reward",
     "math_rewards",
     "normalize_answer",

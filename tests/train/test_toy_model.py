@@ -8,8 +8,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from erpo_jax.tasks import countdown_prompt, countdown_reward, generate_countdown, toy_model
-from erpo_jax.tasks.toy_model import (
+from erpo_jax.tasks import countdown_prompt, countdown_reward, generate_countdown
+from erpo_jax.train import _toy_model as toy_model
+from erpo_jax.train._toy_model import (
     TRACE_KINDS,
     ToyModelRecipe,
     build_toy_base_model,

@@ -1,4 +1,4 @@
-"""``erpo_jax.tasks._evaluate`` and ``erpo-jax eval`` on a tiny random model with the Countdown tokenizer.
+"""``erpo_jax.rollout.evaluate`` and ``erpo-jax eval`` on a tiny random model with the Countdown tokenizer.
 
 Metrics are recomputed from the per-sample records with plain Python (the
 closed-form binomial pass@k, a hand-written majority vote), so the summary
@@ -27,13 +27,12 @@ from erpo_jax.models import (
     load_tokenizer,
     save_hf_checkpoint,
 )
+from erpo_jax.rollout import EvalResult, evaluate
 from erpo_jax.tasks import (
     CountdownProblem,
-    EvalResult,
     build_countdown_tokenizer,
     countdown_prompt,
     countdown_reward,
-    evaluate,
     generate_countdown,
     load_math_file,
 )

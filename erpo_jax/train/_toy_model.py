@@ -46,14 +46,15 @@ from typing import Any
 
 import numpy as np
 
-from erpo_jax.tasks._countdown import (
+from erpo_jax.tasks import (
     COUNTDOWN_LEVELS,
+    COUNTDOWN_SPECIAL_TOKENS,
     CountdownProblem,
+    build_countdown_tokenizer,
     countdown_prompt,
     countdown_reward,
     generate_countdown,
 )
-from erpo_jax.tasks._tokenizer import COUNTDOWN_SPECIAL_TOKENS, build_countdown_tokenizer
 
 __all__ = [
     "TRACE_KINDS",
@@ -506,11 +507,13 @@ def _train(
 ) -> dict[str, Any]:
     """Trains into ``out`` (checkpoint + tokenizer) and returns the metadata dict."""
     import jax
-    import optax
     from flax import nnx
     from tokenizers import Tokenizer
 
     from erpo_jax.models import Decoder, save_hf_checkpoint
+    from erpo_jax.train._config import OptimizerConfig
+    from erpo_jax.train._metrics import MetricsWriter
+    from erpo_jax.train._step import make_optimizer
 
     start = time.perf_counter()
     build_countdown_tokenizer(out, model_max_length=_MAX_POSITIONS)
@@ -530,17 +533,18 @@ def _train(
     config = _model_config(recipe, vocab_size)
     model = Decoder(config, rngs=nnx.Rngs(seed))
     graphdef, params = nnx.split(model)
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, recipe.learning_rate, recipe.warmup_steps, recipe.steps, recipe.learning_rate * 0.05
+    # The trainer's optimizer: warmup + cosine to 5% of the peak, AdamW without
+    # decay on norms, global-norm clipping at 1.
+    opt_cfg = OptimizerConfig(
+        learning_rate=recipe.learning_rate,
+        schedule="cosine",
+        warmup_steps=recipe.warmup_steps,
+        min_lr_ratio=0.05,
+        weight_decay=recipe.weight_decay,
+        b2=0.98,
+        max_grad_norm=1.0,
     )
-    # Norm scales (1-D per layer, stacked to [L, D]) are not decayed.
-    decay_mask = jax.tree_util.tree_map_with_path(
-        lambda path, _: not any("norm" in str(getattr(k, "key", "")) for k in path), params
-    )
-    tx = optax.chain(
-        optax.clip_by_global_norm(1.0),
-        optax.adamw(schedule, b2=0.98, weight_decay=recipe.weight_decay, mask=decay_mask),
-    )
+    tx, _ = make_optimizer(opt_cfg, recipe.steps, params)
     opt_state = tx.init(params)
     train_step = _make_train_step(graphdef, tx)
     data_time = time.perf_counter() - start
@@ -554,6 +558,10 @@ def _train(
             say(f"step {step + 1}/{recipe.steps} loss {float(loss):.4f} "
                 f"({time.perf_counter() - start:.0f} s)")  # fmt: skip
     losses_host = [float(x) for x in jax.device_get(losses)]
+    writer = MetricsWriter(out, tensorboard=False)  # the SFT curve, beside the weights
+    for step, value in enumerate(losses_host):
+        writer.write(step, {"sft_loss": value})
+    writer.close()
     train_time = time.perf_counter() - start - data_time
 
     eval_problems = generate_countdown(
@@ -562,7 +570,7 @@ def _train(
     completion_len = int(loss_mask.sum(axis=1).max())
     max_new_tokens = -(-(completion_len + 8) // 16) * 16
     # The library's evaluation (the real sampler): greedy and one T=1 sample per problem.
-    from erpo_jax.tasks._evaluate import evaluate
+    from erpo_jax.rollout import evaluate
 
     result = evaluate(
         (graphdef, params), tokenizer, eval_problems, task="countdown", num_samples=1,

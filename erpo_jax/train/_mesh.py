@@ -1,0 +1,79 @@
+"""The device mesh (data, fsdp, tensor) and the sharding rules, defined once.
+
+Parameters (and with them the optimizer state, which ``tx.init`` builds
+with the parameters' shardings) follow ``erpo_jax.models.param_partition_spec``:
+matmul weights shard their input side over ``fsdp`` and their output side
+over ``tensor``; norms, biases and LoRA adapters are replicated. Batches
+shard their row axis over ``(data, fsdp)``. Multi-host inputs are assembled
+with ``jax.make_array_from_process_local_data`` from each process's rows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from erpo_jax.models import param_partition_spec
+from erpo_jax.train._config import ConfigError, MeshConfig
+
+__all__ = ["AXES", "batch_sharding", "global_batch", "make_mesh", "place_params"]
+
+AXES: tuple[str, str, str] = ("data", "fsdp", "tensor")
+
+
+def make_mesh(cfg: MeshConfig, devices: list[Any] | None = None) -> Mesh:
+    """The ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all devices).
+
+    Raises:
+      ConfigError: the axes do not fit the device count (names the keys).
+    """
+    devices = list(jax.devices()) if devices is None else list(devices)
+    shape = cfg.shape(len(devices))
+    return Mesh(np.asarray(devices, dtype=object).reshape(shape), AXES)
+
+
+def _names(path: tuple[Any, ...]) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def param_sharding(tree: Any, mesh: Mesh) -> Any:
+    """A ``NamedSharding`` per leaf of a parameter pytree (nnx.State or dict)."""
+
+    def one(path, leaf):
+        return NamedSharding(mesh, param_partition_spec(_names(path), np.shape(leaf), mesh))
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def place_params(tree: Any, mesh: Mesh) -> Any:
+    """``tree`` placed on ``mesh`` by the parameter rules."""
+    return jax.device_put(tree, param_sharding(tree, mesh))
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Rows over ``(data, fsdp)``, other axes replicated."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def global_batch(local: dict[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+    """Global arrays from this process's rows of each entry (no host gather anywhere).
+
+    Raises:
+      ConfigError: an entry's rows do not divide over the ``data * fsdp`` devices.
+    """
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    out = {}
+    for key, value in local.items():
+        value = np.asarray(value)
+        rows = value.shape[0] * jax.process_count()
+        if rows % shards:
+            raise ConfigError(
+                f"batch entry {key!r} has {rows} rows, which do not divide over "
+                f"mesh.data*mesh.fsdp={shards} devices; choose rollout.prompts_per_step "
+                "(and the micro-batch split) to be a multiple of it"
+            )
+        out[key] = jax.make_array_from_process_local_data(batch_sharding(mesh, value.ndim), value)
+    return out

@@ -1,0 +1,250 @@
+"""The jitted pieces of an RL step: the optimizer, the scoring forward and the update.
+
+- :func:`make_optimizer`: Optax AdamW with warmup and a constant or cosine
+  schedule, global-norm clipping; no decay on norms and biases.
+- :func:`split_policy`: the model as ``(graphdef, trainable, frozen)``; with
+  LoRA only ``nnx.LoRAParam`` is trainable.
+- :func:`make_score_fn`: ``(trainable, frozen, batch) -> (logp, entropy)``,
+  one cache-free forward through the chunked head. The policy's recomputed
+  ``old_logp`` and the reference's ``ref_logp`` go through this same
+  compiled function, so at step 0 (reference = policy) they agree bit for
+  bit and ERPO's progress signal is exactly 0.
+- :func:`make_update_fn`: ``(state, frozen, batch) -> (state, metrics)``, one
+  optimizer update on a mini-batch of whole groups, gradient-accumulated over
+  ``micro_batches`` chunks with the mini-batch's aggregation denominator, so
+  the accumulated gradient equals the full mini-batch gradient exactly. The
+  state is donated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from erpo_jax.models import completion_hidden_states
+from erpo_jax.ops import token_logp_and_entropy
+from erpo_jax.train._config import LossConfig, OptimizerConfig
+from erpo_jax.train._losses import loss_denominator
+
+__all__ = [
+    "ROW_KEYS",
+    "make_optimizer",
+    "make_schedule",
+    "make_score_fn",
+    "make_update_fn",
+    "split_policy",
+]
+
+ROW_KEYS = (
+    "prompt_tokens",
+    "prompt_mask",
+    "tokens",
+    "mask",
+    "old_logp",
+    "ref_logp",
+    "entropy",
+    "token_keep",
+)
+"""Batch entries with one row per completion (split by rows into micro-batches)."""
+
+
+def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
+    """Learning rate per optimizer step: linear warmup, then constant or cosine decay."""
+    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    if cfg.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            0.0 if warmup else cfg.learning_rate,
+            cfg.learning_rate,
+            warmup,
+            max(total_steps, warmup + 1),
+            cfg.learning_rate * cfg.min_lr_ratio,
+        )
+    if warmup:
+        return optax.join_schedules(
+            [
+                optax.linear_schedule(0.0, cfg.learning_rate, warmup),
+                optax.constant_schedule(cfg.learning_rate),
+            ],
+            [warmup],
+        )
+    return optax.constant_schedule(cfg.learning_rate)
+
+
+def make_optimizer(
+    cfg: OptimizerConfig, total_steps: int, params: Any
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """``(tx, schedule)``: global-norm clipping then AdamW (no decay on 1-D norms and biases)."""
+    schedule = make_schedule(cfg, total_steps)
+    decay_mask = jax.tree.map(lambda x: jnp.ndim(x) > 1 and x.shape[-1] > 1, params)
+    # Stacked per-layer norms are [L, D]; they are 2-D but still norms.
+    decay_mask = jax.tree_util.tree_map_with_path(
+        lambda path, m: (
+            m
+            and not any(
+                "norm" in str(getattr(k, "key", "")) or "bias" in str(getattr(k, "key", ""))
+                for k in path
+            )
+        ),
+        decay_mask,
+    )
+    parts = []
+    if cfg.max_grad_norm is not None:
+        parts.append(optax.clip_by_global_norm(cfg.max_grad_norm))
+    parts.append(
+        optax.adamw(
+            schedule,
+            b1=cfg.b1,
+            b2=cfg.b2,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            mask=decay_mask,
+        )
+    )
+    return optax.chain(*parts), schedule
+
+
+def split_policy(model: nnx.Module, *, lora: bool) -> tuple[Any, nnx.State, nnx.State]:
+    """``(graphdef, trainable, frozen)``: LoRA adapters only, or every parameter."""
+    if lora:
+        graphdef, trainable, frozen = nnx.split(model, nnx.LoRAParam, ...)
+    else:
+        graphdef, trainable, frozen = nnx.split(model, nnx.Param, ...)
+    return graphdef, trainable, frozen
+
+
+def _head(model, batch, *, temperature, chunk_size, vocab_chunk_size, use_lora):
+    hidden = completion_hidden_states(
+        model,
+        batch["prompt_tokens"],
+        batch["prompt_mask"],
+        batch["tokens"],
+        batch["mask"],
+        use_lora=use_lora,
+    )
+    logp, entropy = token_logp_and_entropy(
+        hidden,
+        model.unembedding(),
+        batch["tokens"],
+        temperature=temperature,
+        chunk_size=chunk_size,
+        vocab_chunk_size=vocab_chunk_size,
+    )
+    return hidden, logp, entropy
+
+
+def make_score_fn(
+    graphdef: Any,
+    *,
+    temperature: float,
+    chunk_size: int | None,
+    vocab_chunk_size: int | None,
+) -> Callable[..., tuple[jax.Array, jax.Array]]:
+    """A jitted ``(trainable, frozen, batch, use_lora) -> (logp [B,T], entropy [B,T])``."""
+
+    def score(trainable, frozen, batch, use_lora):
+        model = nnx.merge(graphdef, trainable, frozen)
+        _, logp, entropy = _head(
+            model,
+            batch,
+            temperature=temperature,
+            chunk_size=chunk_size,
+            vocab_chunk_size=vocab_chunk_size,
+            use_lora=use_lora,
+        )
+        return logp, entropy
+
+    return jax.jit(score, static_argnums=(3,))
+
+
+def _split_micro(batch: dict[str, Any], micro: int) -> dict[str, Any]:
+    """Each entry reshaped to ``[micro, rows / micro, ...]`` (rewards by groups)."""
+    return {k: v.reshape(micro, v.shape[0] // micro, *v.shape[1:]) for k, v in batch.items()}
+
+
+def make_update_fn(
+    graphdef: Any,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    loss_fn: Callable[..., Any],
+    loss_cfg: LossConfig,
+    *,
+    micro_batches: int,
+    max_len: int,
+    temperature: float,
+    chunk_size: int | None,
+    vocab_chunk_size: int | None,
+    arca: bool,
+) -> Callable[..., tuple[dict[str, Any], dict[str, jax.Array]]]:
+    """A jitted, state-donating ``(state, frozen, batch) -> (state, metrics)``.
+
+    ``state`` is ``{"params", "opt_state", "step"}``; ``batch`` holds a
+    mini-batch of whole groups (see :data:`ROW_KEYS`, plus ``rewards [P, G]``).
+    Metrics: ``loss``, ``grad_norm``, ``learning_rate`` and the loss's aux
+    fields (averaged over micro-batches).
+    """
+
+    def micro_loss(params, frozen, mb, denominator, step):
+        model = nnx.merge(graphdef, params, frozen)
+        hidden, logp, _ = _head(
+            model,
+            mb,
+            temperature=temperature,
+            chunk_size=chunk_size,
+            vocab_chunk_size=vocab_chunk_size,
+            use_lora=True,
+        )
+        if arca:
+            # ARCA's credit: how far the adapter moves the last hidden state,
+            # from the same inputs with the adapter off (detached data).
+            base = completion_hidden_states(
+                model,
+                mb["prompt_tokens"],
+                mb["prompt_mask"],
+                mb["tokens"],
+                mb["mask"],
+                use_lora=False,
+            )
+            diff = (hidden - base).astype(jnp.float32)
+            mb = {**mb, "residual_norm": jax.lax.stop_gradient(jnp.linalg.norm(diff, axis=-1))}
+        return loss_fn(logp, mb, denominator=denominator, step=step)
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def update(state, frozen, batch):
+        params, step = state["params"], state["step"]
+        denominator = loss_denominator(loss_cfg, batch["mask"], max_len=max_len)
+        if micro_batches == 1:
+            (loss, aux), grads = grad_fn(params, frozen, batch, denominator, step)
+        else:
+            micro = _split_micro(batch, micro_batches)
+
+            def body(carry, mb):
+                g_acc, l_acc, a_acc = carry
+                (loss, aux), grads = grad_fn(params, frozen, mb, denominator, step)
+                g_acc = jax.tree.map(jnp.add, g_acc, grads)
+                a_acc = jax.tree.map(lambda a, b: a + b / micro_batches, a_acc, aux)
+                return (g_acc, l_acc + loss, a_acc), None
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            first = {k: v[0] for k, v in micro.items()}
+            aux_shape = jax.eval_shape(
+                lambda: grad_fn(params, frozen, first, denominator, step)[0][1]
+            )
+            aux0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape)
+            (grads, loss, aux), _ = jax.lax.scan(body, (zeros, jnp.float32(0.0), aux0), micro)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        params = optax.apply_updates(params, updates)
+        metrics = {
+            **aux,
+            "loss": loss,
+            "grad_norm": optax.global_norm(grads),
+            "learning_rate": jnp.asarray(schedule(step), jnp.float32),
+        }
+        return {"params": params, "opt_state": opt_state, "step": step + 1}, metrics
+
+    return jax.jit(update, donate_argnums=(0,))

@@ -1,0 +1,93 @@
+"""The run config: defaults, YAML + overrides, and errors that name the key before anything runs."""
+
+from __future__ import annotations
+
+import pytest
+
+from erpo_jax.cli import main
+from erpo_jax.train import ConfigError, RunConfig, config_diff, config_to_dict, load_config
+from erpo_jax.train._config import MeshConfig, config_to_yaml
+
+
+def test_defaults_are_the_toy_erpo_job():
+    cfg = load_config()
+    assert cfg == RunConfig()
+    assert cfg.loss.name == "erpo" and cfg.data.task == "countdown"
+    assert cfg.model.checkpoint == "toy"
+    assert cfg.loss.needs_reference  # ERPO's progress term (eta > 0) needs the reference
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("steps: 7\nloss:\n  name: grpo\n  kl_coef: 0.04\nrollout:\n  group_size: 4\n")
+    cfg = load_config(path, ["rollout.group_size=6", "mesh.data=2", "seed=3"])
+    assert (cfg.steps, cfg.seed, cfg.loss.name, cfg.loss.kl_coef) == (7, 3, "grpo", 0.04)
+    assert cfg.rollout.group_size == 6 and cfg.mesh.data == 2
+    assert cfg.loss.needs_reference  # kl_coef > 0
+    # The resolved YAML loads back to the same config.
+    again = tmp_path / "resolved.yaml"
+    again.write_text(config_to_yaml(cfg))
+    assert load_config(again) == cfg
+
+
+@pytest.mark.parametrize(
+    ("overrides", "pattern"),
+    [
+        (["loss.nmae=grpo"], r"unknown key 'loss.nmae'; did you mean 'loss.name'\?"),
+        (["stpes=3"], r"unknown key 'stpes'; did you mean 'steps'\?"),
+        (["steps=abc"], r"config key steps: .*abc"),
+        (["loss.name=ppo"], r"loss.name='ppo'.*allowed values are grpo, dr_grpo, dapo, erpo"),
+        (["loss.name=arca"], r"loss.name=arca needs LoRA.*model.lora_rank"),
+        (["rollout.reft=true", "rollout.group_size=6"], r"rollout.reft_k=4.*divide.*group_size=6"),
+        (["rollout.group_size=1"], r"rollout.group_size=1.*>= 2"),
+        (["train.micro_batches=3"], r"train.micro_batches=3.*divide the 16 groups"),
+        (["model.dtype=int8"], r"model.dtype='int8'.*float32, bfloat16, float16"),
+        (["data.source=file"], r"data.path=None.*needs a file"),
+        (["mesh.data=-1", "mesh.fsdp=-1"], r"at most one of mesh.data, mesh.fsdp"),
+        (["steps"], r"override 'steps' is not key=value"),
+        (["profile_step=500"], r"profile_step=500.*steps=100"),
+    ],
+)
+def test_bad_configs_name_the_key(overrides, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(None, overrides)
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match=r"config file .*nope.yaml' does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_mesh_shape_must_fit_the_devices():
+    assert MeshConfig().shape(8) == (8, 1, 1)
+    assert MeshConfig(data=2, fsdp=-1).shape(8) == (2, 4, 1)
+    assert MeshConfig(data=1, fsdp=4, tensor=2).shape(8) == (1, 4, 2)
+    with pytest.raises(ConfigError, match="does not divide the 8 devices"):
+        MeshConfig(data=3, fsdp=-1).shape(8)
+    with pytest.raises(ConfigError, match="product must equal the device count"):
+        MeshConfig(data=2, fsdp=2).shape(8)
+
+
+def test_config_diff_ignores_bookkeeping_keys():
+    a = config_to_dict(load_config(None, ["steps=10"]))
+    b = config_to_dict(load_config(None, ["steps=20", "checkpoint_every=5"]))
+    assert config_diff(a, b) == []
+    c = config_to_dict(load_config(None, ["loss.eta=0.5", "seed=1"]))
+    assert config_diff(a, c) == [
+        "loss.eta (checkpoint: 0.2, now: 0.5)",
+        "seed (checkpoint: 0, now: 1)",
+    ]
+
+
+def test_cli_rejects_bad_config_with_exit_2(capsys, tmp_path):
+    assert main(["train", "--out", str(tmp_path / "r"), "loss.nmae=grpo"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("erpo-jax train: config: unknown key 'loss.nmae'")
+    assert "did you mean 'loss.name'" in err
+    assert not (tmp_path / "r").exists()  # rejected before anything was written
+    assert main(["train", "--out", str(tmp_path / "r"), "--resume"]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -1,0 +1,201 @@
+"""``erpo_jax.train.train`` end to end on a tiny random model: outputs, metrics, exact resume.
+
+Every run here uses the same tiny shapes (4 prompts x 4 completions, 10 new
+tokens, 4 held-out problems), so the sampler, the scoring forward and the
+update compile once per process. The resume test kills a real
+``erpo-jax train`` process with SIGKILL and resumes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from erpo_jax.models import Decoder, ModelConfig, save_hf_checkpoint
+from erpo_jax.tasks import build_countdown_tokenizer
+from erpo_jax.train import TIMING_KEYS, ConfigError, load_config, read_metrics, train
+
+CONFIG = ModelConfig(
+    "qwen3",
+    100,
+    32,
+    64,
+    2,
+    4,
+    2,
+    8,
+    qk_norm=True,
+    max_position_embeddings=256,
+    bos_token_id=1,
+    eos_token_ids=(2,),
+    pad_token_id=0,
+)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny_policy")
+    model = Decoder(CONFIG, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    model.lm_head.set_value(jnp.asarray(rng.normal(0.0, 0.5, (32, 100)), jnp.float32))
+    save_hf_checkpoint(model, CONFIG, path)
+    build_countdown_tokenizer(path)
+    return path
+
+
+def _overrides(checkpoint, *extra):
+    return [
+        f"model.checkpoint={checkpoint}",
+        "rollout.prompts_per_step=4",
+        "rollout.group_size=4",
+        "rollout.max_new_tokens=10",
+        "rollout.reward_workers=0",
+        "data.num_problems=40",
+        "eval.num_problems=4",
+        "eval.num_samples=2",
+        "eval.batch_size=4",
+        "progress=false",
+        "optimizer.learning_rate=1e-2",
+        *extra,
+    ]
+
+
+REQUIRED = (
+    "step",
+    "loss",
+    "reward_mean",
+    "reward_std",
+    "zero_std_group_frac",
+    "response_length_mean",
+    "response_length_max",
+    "truncated_frac",
+    "entropy_mean",
+    "entropy_p90",
+    "clip_frac_low",
+    "clip_frac_high",
+    "approx_kl",
+    "kl",
+    "grad_norm",
+    "learning_rate",
+    "logp_mismatch_mean",
+    "logp_mismatch_max",
+    "rollout_seconds",
+    "reward_seconds",
+    "update_seconds",
+    "step_seconds",
+    "tokens_per_second",
+    "verifier_timeouts",
+    # ERPO's own diagnostics
+    "gate_mean",
+    "cdp_frac",
+    "psi_abs_mean",
+)
+
+
+def test_train_writes_outputs_and_metrics(checkpoint, tmp_path):
+    out = tmp_path / "run"
+    cfg = load_config(None, _overrides(checkpoint, "steps=3", "checkpoint_every=2"))
+    summary = train(cfg, out=out, log=lambda _: None)
+    assert set(summary) >= {"before", "after", "wall_seconds"}
+    for part in ("before", "after"):
+        assert set(summary[part]) >= {"pass_at_1_sampled", "pass_at_1_greedy", "pass_at_k"}
+    assert json.loads((out / "summary.json").read_text())["after"] == summary["after"]
+    assert load_config(out / "config.yaml") == cfg  # the resolved config reloads
+    records = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in records] == [0, 1, 2]
+    for r in records:
+        missing = [k for k in REQUIRED if k not in r]
+        assert not missing, missing
+        assert 0.0 <= r["reward_mean"] <= 1.0 and r["response_length_max"] <= 10
+        assert r["learning_rate"] == pytest.approx(1e-2)
+    # Recomputed old_logp at step 0 equals the reference forward: ERPO's progress is 0.
+    assert records[0]["progress_abs_mean"] == 0.0 if "progress_abs_mean" in records[0] else True
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [2, 3]
+
+
+def test_dynamic_sampling_and_grpo(checkpoint, tmp_path):
+    cfg = load_config(
+        None,
+        _overrides(
+            checkpoint,
+            "steps=1",
+            "loss.name=dapo",
+            "rollout.dynamic_sampling=true",
+            "rollout.max_sampling_tries=2",
+        ),
+    )
+    train(cfg, out=tmp_path / "dapo", log=lambda _: None)
+    (record,) = [r for r in read_metrics(tmp_path / "dapo" / "metrics.jsonl") if "loss" in r]
+    # A random policy almost never solves Countdown: every group is all-zero,
+    # so dynamic sampling tries twice and fills the batch with dropped groups.
+    assert record["sampling_tries"] == 2
+    assert record["dynamic_sampling_filled"] == 4
+    assert record["zero_std_group_frac"] == 1.0
+
+
+def test_resume_with_a_different_config_names_the_keys(checkpoint, tmp_path):
+    out = tmp_path / "r"
+    train(load_config(None, _overrides(checkpoint, "steps=1")), out=out, log=lambda _: None)
+    changed = load_config(None, _overrides(checkpoint, "steps=2", "loss.eta=0.5", "seed=4"))
+    with pytest.raises(ConfigError, match=r"loss.eta \(checkpoint: 0.2, now: 0.5\); seed"):
+        train(changed, out=out, resume=True, log=lambda _: None)
+
+
+def _cli(checkpoint, out, *extra):
+    flags = [e for e in extra if e.startswith("--")]
+    keys = [e for e in extra if not e.startswith("--")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "erpo_jax.cli",
+        "train",
+        "--out",
+        str(out),
+        *flags,
+        *_overrides(checkpoint, "steps=6", "checkpoint_every=2", *keys),
+    ]
+    return cmd
+
+
+def _comparable(path):
+    return [
+        {k: v for k, v in r.items() if k not in TIMING_KEYS and not k.endswith("seconds")}
+        for r in read_metrics(path)
+    ]
+
+
+def test_kill_and_resume_repeats_the_uninterrupted_run(checkpoint, tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    subprocess.run(_cli(checkpoint, full), check=True, env=env, capture_output=True)
+    proc = subprocess.Popen(
+        _cli(checkpoint, killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        steps = [r["step"] for r in read_metrics(killed / "metrics.jsonl") if "loss" in r]
+        if steps and max(steps) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "summary.json").exists()  # it really died mid-run
+    subprocess.run(_cli(checkpoint, killed, "--resume"), check=True, env=env, capture_output=True)
+    a, b = _comparable(full / "metrics.jsonl"), _comparable(killed / "metrics.jsonl")
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    assert a == b
+    sa = json.loads((full / "summary.json").read_text())
+    sb = json.loads((killed / "summary.json").read_text())
+    assert sa["after"] == sb["after"] and sa["before"] == sb["before"]
