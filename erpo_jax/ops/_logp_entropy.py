@@ -42,8 +42,12 @@ def token_logp_and_entropy(
     Both are float32 whatever the input dtype: the matmul accumulates in
     float32 (``preferred_element_type``), then ``logp = z[token] -
     logsumexp(z)`` and ``entropy = logsumexp(z) - sum(softmax(z) * z)`` with
-    ``z`` the scaled logits. Gradients flow to ``hidden`` and ``unembed`` from
-    both outputs.
+    ``z`` the scaled logits. Gradients flow to ``hidden``, ``unembed`` and
+    ``temperature`` from both outputs. In the backward pass the float32
+    logit gradient is never rounded to the input dtype: both gradient
+    matmuls take float32 operands and accumulate in float32, and only their
+    results are cast to the dtypes of ``hidden`` and ``unembed`` (so float16
+    weights do not flush small per-token gradients to zero).
 
     Args:
       hidden: ``[B, T, D]`` final hidden states (after the last norm), e.g.
@@ -53,7 +57,7 @@ def token_logp_and_entropy(
         An id outside that range (e.g. a padding sentinel) selects no logit:
         its ``logp`` is 0 with no gradient, meaningless; mask it.
       temperature: positive scalar dividing the logits (a Python number or a
-        traced scalar; it gets no gradient in the chunked path).
+        traced scalar, differentiable in every path).
       chunk_size: ``None`` computes all ``[B, T, V]`` logits at once
         (autodiff). A positive int processes ``chunk_size`` tokens (of the
         flattened ``B * T``) at a time with a custom VJP that recomputes each
@@ -159,12 +163,33 @@ def _chunked_fwd(h, w, tok, inv_temp):
     return (logp, entropy), (h, w, tok, inv_temp, entropy, lse)
 
 
+def _grad_matmuls(g_raw, h_c, w_f32):
+    """``(d h_c, d w)`` of ``z_raw = h_c @ w`` given ``g_raw = dL/dz_raw``, all float32.
+
+    The logit gradient ``g_raw`` stays float32 as a matmul operand: one
+    token's entries are often far below float16's smallest normal (6e-5;
+    e.g. a loss averaged over a million tokens), and casting them to the
+    weight dtype first would flush them to zero or to a few bits. Operands
+    are float32 and so is the accumulation (``preferred_element_type``);
+    callers cast only the results to the input dtypes.
+    """
+    g_h_c = jnp.einsum("cv,dv->cd", g_raw, w_f32, preferred_element_type=jnp.float32)
+    g_w = jnp.einsum(
+        "cd,cv->dv", h_c.astype(jnp.float32), g_raw, preferred_element_type=jnp.float32
+    )
+    return g_h_c, g_w
+
+
 def _chunked_bwd(res, cotangents):
     h, w, tok, inv_temp, entropy, lse = res
     g_logp, g_entropy = cotangents
     vocab = w.shape[1]
+    # One float32 copy of the weight for the backward pass (the size of the
+    # float32 gradient accumulator); vocabulary tiles (_tiled) avoid it.
+    w_f32 = w.astype(jnp.float32)
 
-    def body(g_w, xs):
+    def body(carry, xs):
+        g_w, g_inv = carry
         h_c, tok_c, ent_c, lse_c, gl_c, ge_c = xs
         z = _chunk_logits(h_c, w, inv_temp)
         logp_all = (z - jnp.max(z, axis=-1, keepdims=True)) - lse_c[:, None]
@@ -174,16 +199,14 @@ def _chunked_bwd(res, cotangents):
         gl_c = jnp.where((tok_c >= 0) & (tok_c < vocab), gl_c, 0.0)
         g_z = gl_c[:, None] * (jnp.where(onehot, 1.0, 0.0) - p)
         g_z = g_z - ge_c[:, None] * p * (logp_all + ent_c[:, None])
-        # z = (h @ w) * inv_temp; matmuls in the input dtype, accumulated in float32.
-        g_raw = (g_z * inv_temp).astype(w.dtype)
-        g_h_c = jnp.einsum("cv,dv->cd", g_raw, w, preferred_element_type=jnp.float32)
-        g_w = g_w + jnp.einsum("cd,cv->dv", h_c, g_raw, preferred_element_type=jnp.float32)
-        return g_w, g_h_c.astype(h.dtype)
+        # z = (h @ w) * inv_temp: d/d inv_temp = sum(g_z * z) / inv_temp.
+        g_inv = g_inv + jnp.sum(g_z * z) / inv_temp
+        g_h_c, g_w_c = _grad_matmuls(g_z * inv_temp, h_c, w_f32)
+        return (g_w + g_w_c, g_inv), g_h_c.astype(h.dtype)
 
-    g_w, g_h = jax.lax.scan(
-        body, jnp.zeros(w.shape, jnp.float32), (h, tok, entropy, lse, g_logp, g_entropy)
-    )
-    return g_h, g_w.astype(w.dtype), None, jnp.zeros_like(inv_temp)
+    init = (jnp.zeros(w.shape, jnp.float32), jnp.zeros((), jnp.float32))
+    (g_w, g_inv), g_h = jax.lax.scan(body, init, (h, tok, entropy, lse, g_logp, g_entropy))
+    return g_h, g_w.astype(w.dtype), None, g_inv.astype(inv_temp.dtype)
 
 
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)
@@ -267,13 +290,14 @@ def _tiled_bwd(tile, res, cotangents):
     g_logp, g_entropy = cotangents
     num_tiles = -(-w.shape[1] // tile)
 
-    def chunk(g_w, xs):
+    def chunk(carry, xs):
+        g_w, g_inv = carry
         h_c, tok_c, ent_c, lse_c, gl_c, ge_c = xs
         # An id outside the vocabulary has logp 0 (a constant): no gradient.
         gl_in = jnp.where((tok_c >= 0) & (tok_c < w.shape[1]), gl_c, 0.0)
 
         def tile_body(carry, j):
-            g_w, g_h_c = carry
+            g_w, g_h_c, g_inv = carry
             w_t, cols, fresh, start = _tile(w, j, tile)
             z = jnp.einsum("cd,dv->cv", h_c, w_t, preferred_element_type=jnp.float32) * inv_temp
             logp_all = z - lse_c[:, None]
@@ -281,22 +305,22 @@ def _tiled_bwd(tile, res, cotangents):
             onehot = (tok_c[:, None] == cols) & fresh
             g_z = gl_in[:, None] * (jnp.where(onehot, 1.0, 0.0) - p)
             g_z = g_z - ge_c[:, None] * p * (jnp.where(fresh, logp_all, 0.0) + ent_c[:, None])
-            g_raw = (g_z * inv_temp).astype(w.dtype)
-            g_h_c = g_h_c + jnp.einsum("cv,dv->cd", g_raw, w_t, preferred_element_type=jnp.float32)
+            g_inv = g_inv + jnp.sum(g_z * z) / inv_temp
+            # The float32 matmuls of _grad_matmuls, on one tile of the weight.
+            g_h_t, g_w_t = _grad_matmuls(g_z * inv_temp, h_c, w_t.astype(jnp.float32))
             old = jax.lax.dynamic_slice_in_dim(g_w, start, tile, axis=1)
-            new = old + jnp.einsum("cd,cv->dv", h_c, g_raw, preferred_element_type=jnp.float32)
-            return (jax.lax.dynamic_update_slice_in_dim(g_w, new, start, axis=1), g_h_c), None
+            g_w = jax.lax.dynamic_update_slice_in_dim(g_w, old + g_w_t, start, axis=1)
+            return (g_w, g_h_c + g_h_t, g_inv), None
 
         g_h_c = jnp.zeros(h_c.shape, jnp.float32)
-        (g_w, g_h_c), _ = jax.lax.scan(
-            tile_body, (g_w, g_h_c), jnp.arange(num_tiles, dtype=jnp.int32)
+        (g_w, g_h_c, g_inv), _ = jax.lax.scan(
+            tile_body, (g_w, g_h_c, g_inv), jnp.arange(num_tiles, dtype=jnp.int32)
         )
-        return g_w, g_h_c.astype(h.dtype)
+        return (g_w, g_inv), g_h_c.astype(h.dtype)
 
-    g_w, g_h = jax.lax.scan(
-        chunk, jnp.zeros(w.shape, jnp.float32), (h, tok, entropy, lse, g_logp, g_entropy)
-    )
-    return g_h, g_w.astype(w.dtype), None, jnp.zeros_like(inv_temp)
+    init = (jnp.zeros(w.shape, jnp.float32), jnp.zeros((), jnp.float32))
+    (g_w, g_inv), g_h = jax.lax.scan(chunk, init, (h, tok, entropy, lse, g_logp, g_entropy))
+    return g_h, g_w.astype(w.dtype), None, g_inv.astype(inv_temp.dtype)
 
 
 _tiled.defvjp(_tiled_fwd, _tiled_bwd)

@@ -102,17 +102,67 @@ def test_gradient_of_each_output_matches_finite_differences():
             check_grads(f, (h, w), order=1, modes=["rev"], atol=1e-3, rtol=1e-3)
 
 
-def test_traced_temperature_under_jit():
-    hidden, unembed, tokens = (jnp.asarray(x) for x in _inputs(3))
+@pytest.mark.parametrize(
+    "kw", [{}, {"chunk_size": 4}, {"chunk_size": 4, "vocab_chunk_size": 5}], ids=str
+)
+def test_traced_temperature_value_and_gradient(kw):
+    hidden, unembed, tokens = _inputs(3)
     fn = jax.jit(
-        lambda h, w, tok, temp: token_logp_and_entropy(h, w, tok, temperature=temp, chunk_size=4)
+        lambda h, w, tok, temp: token_logp_and_entropy(h, w, tok, temperature=temp, **kw)
     )
-    logp, entropy = fn(hidden, unembed, tokens, jnp.float32(0.5))
-    ref_logp, ref_entropy = _reference(*(np.asarray(x) for x in (hidden, unembed, tokens)), 0.5)
+    args = tuple(jnp.asarray(x) for x in (hidden, unembed, tokens))
+    logp, entropy = fn(*args, jnp.float32(0.5))
+    ref_logp, ref_entropy = _reference(hidden, unembed, tokens, 0.5)
     np.testing.assert_allclose(logp, ref_logp, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(entropy, ref_entropy, atol=1e-5, rtol=1e-5)
-    grads = jax.grad(lambda t: jnp.sum(fn(hidden, unembed, tokens, t)[1]))(jnp.float32(0.5))
-    assert np.isfinite(grads)
+    # d/dT of a mix of both outputs against a float64 central difference of
+    # the NumPy reference (step 1e-4: truncation error ~1e-8).
+    a, c = 0.3, 0.7
+    grad = jax.grad(lambda t: jnp.sum(a * fn(*args, t)[0] + c * fn(*args, t)[1]))(
+        jnp.float32(0.5)
+    )
+
+    def f(temp):
+        lp, ent = _reference(hidden, unembed, tokens, temp)
+        return a * lp.sum() + c * ent.sum()
+
+    want = (f(0.5 + 1e-4) - f(0.5 - 1e-4)) / 2e-4
+    assert abs(want) > 1.0  # a real derivative, not a vacuous 0 == 0
+    assert float(grad) == pytest.approx(want, rel=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize(
+    "kw", [{}, {"chunk_size": 512}, {"chunk_size": 512, "vocab_chunk_size": 5}], ids=str
+)
+def test_half_precision_gradients_are_the_rounded_float32_gradient(dtype, kw):
+    # 16,384 tokens and a loss scaled by 4e-7: most of a token's logit
+    # gradients (4e-7 * p) are below float16's smallest subnormal (6e-8),
+    # while the weight gradient sums 16k of them to a normal float16. Accumulating in float32
+    # and casting only the result gives the float32 gradient (of the same
+    # rounded weights) rounded once to the weight dtype: within one ulp.
+    rng = np.random.default_rng(8)
+    h = jnp.asarray(rng.normal(size=(16, 1024, 8)), dtype)
+    w = jnp.asarray(rng.normal(size=(8, 11)), dtype)
+    tok = jnp.asarray(rng.integers(0, 11, (16, 1024)), jnp.int32)
+
+    def loss(h, w):
+        logp, entropy = token_logp_and_entropy(h, w, tok, **kw)
+        return 4e-7 * (jnp.sum(logp) + 0.5 * jnp.sum(entropy))
+
+    g_h, g_w = jax.jit(jax.grad(loss, argnums=(0, 1)))(h, w)
+    assert g_h.dtype == g_w.dtype == dtype
+    w32, h32 = w.astype(jnp.float32), h.astype(jnp.float32)
+    r_h, r_w = jax.jit(jax.grad(loss, argnums=(0, 1)))(h32, w32)
+    info = jnp.finfo(dtype)
+    ulp_rel = float(info.eps)  # one ulp, relative, for normal numbers
+    tiny_step = float(info.smallest_subnormal)
+    for got, want in ((g_w, r_w), (g_h, r_h)):
+        want = np.asarray(want, np.float64)
+        got = np.asarray(got.astype(jnp.float32), np.float64)
+        np.testing.assert_allclose(got, want, rtol=ulp_rel, atol=tiny_step)
+    # Most weight-gradient entries are normal numbers of the weight dtype.
+    assert np.median(np.abs(np.asarray(r_w))) > float(info.smallest_normal)
 
 
 @pytest.mark.parametrize("chunk_size", [None, 4])
