@@ -1,0 +1,245 @@
+"""``erpo-jax plan``: per-device memory from shapes, shardings and ahead-of-time compiles.
+
+A tiny decoder stands in for the presets (compiling one is seconds, a real
+preset's sampler minutes): parameters, optimizer state and the KV cache are
+checked against counts written here; the compiled argument sizes against
+those counts; the 8-device cases run in a fresh process with simulated
+devices (XLA_FLAGS must be set before JAX starts). A slow test runs the real
+command on the qwen3-1.7b preset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from erpo_jax.cli import main
+from erpo_jax.models import ModelConfig
+from erpo_jax.train._plan import (
+    GIB,
+    PlanError,
+    group_shape,
+    kv_cache_bytes,
+    parse_mesh,
+    plan_command,
+    plan_memory,
+    plan_report,
+)
+
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+            num_kv_heads=2, head_dim=16, tie_word_embeddings=False)  # fmt: skip
+
+
+def tiny_config() -> ModelConfig:
+    return dataclasses.replace(ModelConfig.preset("qwen3-0.6b"), **TINY)
+
+
+def norm_params(c: ModelConfig) -> int:
+    """Parameters the sharding rules replicate: RMSNorm weights (q/k norms too for Qwen3)."""
+    return c.num_layers * (2 * c.hidden_size + 2 * c.head_dim * c.qk_norm) + c.hidden_size
+
+
+def expected_param_bytes(c: ModelConfig, shards: int) -> int:
+    """float32 bytes per device when every matmul weight divides by ``shards`` and norms do not."""
+    matmul = c.num_params - norm_params(c)
+    assert matmul % shards == 0
+    return 4 * (matmul // shards + norm_params(c))
+
+
+def test_parse_mesh():
+    assert parse_mesh("data=1,fsdp=8,tensor=1") == (1, 8, 1)
+    assert parse_mesh("fsdp=4, tensor=2") == (1, 4, 2)
+    assert parse_mesh("tensor=2") == (1, 1, 2)
+    for bad in ("fsdp=0", "fsdp=x", "fsdp", "pipeline=2", "fsdp=2,fsdp=2", "", "data=-1"):
+        with pytest.raises(PlanError, match="--mesh"):
+            parse_mesh(bad)
+
+
+def test_group_shape():
+    assert group_shape(64) == (8, 8)
+    assert group_shape(4) == (1, 4)
+    assert group_shape(12) == (2, 6)
+
+
+def test_kv_cache_formula():
+    c = tiny_config()
+    # 2 (k, v) * L * rows * K * C * H * 2 bytes (bfloat16)
+    assert kv_cache_bytes(c, batch=16, slots=31, dtype="bfloat16", row_shards=4) == (
+        2 * 2 * 4 * 2 * 31 * 16 * 2
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--mesh", "data=2;fsdp=4"], "--mesh"),
+        (["--mesh", "fsdp=zero"], "--mesh"),
+        (["--mesh", "experts=2"], "--mesh"),
+        (["--model", "qwen9-1t"], "--model"),
+        (["--mesh", "data=2,fsdp=4", "--batch", "12"], "--batch"),
+        (["--batch", "64", "--micro-batches", "3"], "--micro-batches"),
+        (["--loss", "ppo"], "--loss"),
+        (["--dtype", "int8"], "--dtype"),
+        (["--loss", "arca"], "--lora-rank"),
+        (["--new-tokens", "0"], "--new-tokens"),
+        (["--device-gib", "-1"], "--device-gib"),
+    ],
+)
+def test_bad_arguments_exit_2_naming_the_flag(argv, flag, capsys):
+    args = ["plan", "--model", "qwen3-0.6b", *argv] if "--model" not in argv else ["plan", *argv]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"erpo-jax plan: {flag}"), err
+
+
+def test_plan_one_device_counts_and_compiled_sizes():
+    """The update compiled on one device (the sampler on 8 below); every analytic part by hand."""
+    c = tiny_config()
+    b, s, t = 16, 8, 24
+    plan = plan_memory(c, (1, 1, 1), b, s, t, loss="erpo", dtype="bfloat16", compile_sampler=False)
+    params = 4 * c.num_params
+    assert plan["params_gib"] * GIB == params
+    # AdamW's mu and nu, float32, and two int32 step counts (Adam's, the schedule's).
+    assert plan["optimizer_gib"] * GIB == 2 * params + 8
+    # ERPO's progress term needs the reference: a frozen full copy.
+    assert plan["needs_reference"] and plan["ref_params_gib"] * GIB == params
+    slots = 8 + t - 1  # the prompt bucket (8) and T - 1 decoded tokens
+    kv = 2 * c.num_layers * b * c.num_kv_heads * slots * c.head_dim * 2
+    assert plan["cache_slots"] == slots
+    assert plan["kv_cache_gib"] * GIB == kv == plan["kv_cache_analytic_gib"] * GIB
+    # Train batch: int32 and bool [B, S], int32 + bool + 3 float32 [B, T], rewards [P, G].
+    batch_bytes = b * s * 5 + b * t * (4 + 1 + 3 * 4) + 2 * 8 * 4
+    assert plan["batch_gib"] * GIB == batch_bytes
+    compiled = plan["compiled"]
+    assert compiled["update"]["argument_gib"] * GIB == params * 3 + 8 + batch_bytes + 4
+    assert compiled["update"]["alias_gib"] > 0  # the state is donated
+    assert plan["activations_gib"] > 0 and plan["sampler_temp_gib"] == 0
+    state = params * 4 + 8
+    assert plan["train_peak_gib"] * GIB == pytest.approx(
+        state + batch_bytes + plan["activations_gib"] * GIB
+    )
+    assert plan["rollout_peak_gib"] * GIB == pytest.approx(state + kv)  # sampler not compiled
+    assert plan["total_gib"] == max(plan["train_peak_gib"], plan["rollout_peak_gib"])
+
+    table, summary = plan_report(plan, "tiny", 1.0)
+    assert "fits in 1 GiB: yes" in table
+    assert "KV cache (31 slots, bfloat16)" in table
+    assert summary["fits"] is True
+    assert {"model", "mesh", "batch", "prompt_len", "new_tokens", "params_gib", "optimizer_gib",
+            "activations_gib", "kv_cache_gib", "sampler_temp_gib", "total_gib",
+            "fits"} <= set(summary)  # fmt: skip
+    json.dumps(summary)
+    table, summary = plan_report(plan, "tiny", 1e-6)
+    assert "fits in 1e-06 GiB: no" in table and "to fit:" in table
+    assert summary["fits"] is False
+
+
+def test_lora_counts_adapters_as_trainable():
+    c = tiny_config()
+    rank = 4
+    plan = plan_memory(c, (1, 1, 1), 8, 8, 8, lora_rank=rank, loss="erpo",
+                       compile_update=False, compile_sampler=False)  # fmt: skip
+    d, q, kv = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    # Adapters on q, k, v, o: A [L, in, r] and B [L, r, out].
+    adapters = c.num_layers * rank * ((d + q) + (d + kv) * 2 + (q + d))
+    assert plan["params_gib"] * GIB == 4 * (c.num_params + adapters)
+    assert plan["optimizer_gib"] * GIB == 4 * 2 * adapters + 8
+    assert plan["ref_params_gib"] == 0  # the base model with adapters off
+
+
+EIGHT_DEVICES = textwrap.dedent(
+    """
+    import dataclasses, json
+    import jax
+    from erpo_jax.models import ModelConfig
+    from erpo_jax.train._plan import plan_memory
+
+    assert jax.device_count() == 8, jax.devices()
+    config = dataclasses.replace(ModelConfig.preset("qwen3-0.6b"), **{tiny})
+    out = {{}}
+    for name, mesh in (("one", (1, 1, 1)), ("fsdp4", (1, 4, 1)), ("fsdp8", (1, 8, 1))):
+        out[name] = plan_memory(config, mesh, 16, 8, 24, compile_update=False,
+                                compile_sampler=False)
+    out["compiled"] = plan_memory(config, (1, 4, 2), 16, 8, 24, loss="grpo")
+    print(json.dumps(out))
+    """
+)
+
+
+def test_plan_on_eight_simulated_devices():
+    c = tiny_config()
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", EIGHT_DEVICES.format(tiny=repr(TINY))],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    one, fsdp4, fsdp8 = out["one"], out["fsdp4"], out["fsdp8"]
+    assert one["params_gib"] * GIB == expected_param_bytes(c, 1)
+    assert fsdp4["params_gib"] * GIB == expected_param_bytes(c, 4)
+    assert fsdp8["params_gib"] * GIB == expected_param_bytes(c, 8)
+    # Norms stay whole, so a bit more than a quarter.
+    ratio = fsdp4["params_gib"] / one["params_gib"]
+    assert 0.25 < ratio < 0.26
+    assert fsdp4["optimizer_gib"] * GIB == 2 * expected_param_bytes(c, 4) + 8
+    for plan, rows in ((one, 16), (fsdp4, 4), (fsdp8, 2)):
+        kv = 2 * c.num_layers * rows * c.num_kv_heads * 31 * c.head_dim * 2
+        assert plan["kv_cache_gib"] * GIB == kv
+
+    comp = out["compiled"]
+    assert comp["mesh"] == {"data": 1, "fsdp": 4, "tensor": 2}
+    # Matmul weights split over fsdp and tensor: 8 ways.
+    assert comp["params_gib"] * GIB == expected_param_bytes(c, 8)
+    # GRPO does not read the sampler's entropy [B, T], so jit drops that input
+    # (4 rows of 24 float32 per device) from the compiled arguments.
+    update = comp["compiled"]["update"]
+    analytic = comp["compiled"]["analytic_update_arguments_gib"] * GIB
+    assert update["argument_gib"] * GIB == analytic - 4 * 24 * 4
+    # The compiled prefill shards the cache's rows over fsdp (and may split
+    # its heads over tensor too): never more than rows over data*fsdp.
+    assert "'fsdp'" in comp["compiled"]["kv_cache_spec"].split(",")[0]
+    assert 0 < comp["kv_cache_gib"] <= comp["kv_cache_analytic_gib"]
+    assert comp["kv_cache_analytic_gib"] * GIB == 2 * 2 * 4 * 2 * 31 * 16 * 2
+    assert comp["activations_gib"] > 0 and comp["sampler_temp_gib"] > 0
+
+
+def test_plan_command_reports_too_few_devices_in_process(monkeypatch, capsys):
+    """In the child (marker set) the plan runs in-process; a missing device is an --mesh error."""
+    monkeypatch.setenv("ERPO_JAX_PLAN_CHILD", "1")
+    args = argparse.Namespace(model="qwen3-0.6b", mesh="data=1,fsdp=4096,tensor=1", batch=4096,
+                              prompt_len=8, new_tokens=8, device_gib=None, loss="grpo",
+                              dtype="bfloat16", lora_rank=0, micro_batches=1, remat=False)  # fmt: skip
+    assert plan_command(args) == 2
+    assert capsys.readouterr().err.strip().startswith("erpo-jax plan: --mesh")
+
+
+@pytest.mark.slow
+def test_cli_plans_qwen3_1_7b_on_eight_devices():
+    """The real command: a fresh process with 8 simulated devices, the real preset."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "erpo_jax.cli", "plan", "--model", "qwen3-1.7b", "--mesh",
+         "data=1,fsdp=8,tensor=1", "--batch", "64", "--prompt-len", "512", "--new-tokens",
+         "1024", "--device-gib", "80"],
+        capture_output=True, text=True, timeout=1200,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "fits in 80 GiB:" in proc.stdout
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    c = ModelConfig.preset("qwen3-1.7b")
+    assert summary["params_gib"] == pytest.approx(expected_param_bytes(c, 8) / GIB, abs=1e-4)
+    kv = kv_cache_bytes(c, batch=64, slots=512 + 1024 - 1, dtype="bfloat16", row_shards=8)
+    assert summary["kv_cache_gib"] == pytest.approx(kv / GIB, abs=1e-4)
+    assert summary["activations_gib"] > 0 and summary["sampler_temp_gib"] > 0
+    assert isinstance(summary["fits"], bool)
+    assert np.isclose(summary["total_gib"], max(summary["train_peak_gib"],
+                                                summary["rollout_peak_gib"]), atol=1e-3)  # fmt: skip
