@@ -306,7 +306,7 @@ class LossConfig:
 class OptimizerConfig:
     """Optax AdamW with warmup and a constant or cosine schedule, and global-norm clipping."""
 
-    learning_rate: float = 2e-3
+    learning_rate: float = 3e-4
     schedule: str = "constant"
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1

@@ -36,7 +36,8 @@ def make_mesh(cfg: MeshConfig, devices: list[Any] | None = None) -> Mesh:
 
 
 def _names(path: tuple[Any, ...]) -> tuple[str, ...]:
-    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+    """Parameter names along a pytree path (``nnx.State`` adds a trailing ``.value``)."""
+    return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
 
 
 def param_sharding(tree: Any, mesh: Mesh) -> Any:

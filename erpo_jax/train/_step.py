@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from erpo_jax.models import completion_hidden_states
 from erpo_jax.ops import token_logp_and_entropy
@@ -247,4 +248,41 @@ def make_update_fn(
         }
         return {"params": params, "opt_state": opt_state, "step": step + 1}, metrics
 
-    return jax.jit(update, donate_argnums=(0,))
+    compiled: dict[str, Any] = {}
+
+    def jitted(state):
+        # The updated state keeps the input state's shardings (parameters and
+        # optimizer state by the mesh rules; scalars replicated) and the
+        # metrics come back replicated: fixed on the first call, when the
+        # placed state is known (arrays or ShapeDtypeStructs with shardings).
+        if "fn" not in compiled:
+            leaf = next(
+                (
+                    x.sharding
+                    for x in jax.tree.leaves(state)
+                    if isinstance(getattr(x, "sharding", None), NamedSharding)
+                ),
+                None,
+            )
+            if leaf is None:
+                compiled["fn"] = jax.jit(update, donate_argnums=(0,))
+            else:
+                rep = NamedSharding(leaf.mesh, PartitionSpec())
+                state_sh = jax.tree.map(
+                    lambda x: (
+                        x.sharding
+                        if isinstance(getattr(x, "sharding", None), NamedSharding)
+                        else rep
+                    ),
+                    state,
+                )
+                compiled["fn"] = jax.jit(update, donate_argnums=(0,), out_shardings=(state_sh, rep))
+        return compiled["fn"]
+
+    def call(state, frozen, batch):
+        return jitted(state)(state, frozen, batch)
+
+    # Ahead-of-time lowering on abstract shapes (erpo-jax plan).
+    call.lower = lambda state, frozen, batch: jitted(state).lower(state, frozen, batch)  # type: ignore[attr-defined]
+
+    return call
