@@ -22,8 +22,8 @@ def measure(args: Any, loss_name: str, common: dict[str, Any]) -> dict[str, Any]
     import jax
     import jax.numpy as jnp
     import numpy as np
-
     from _tiny_qwen3 import tiny_qwen3_pair
+
     from erpo_jax.sampling import sample
     from erpo_jax.train import (
         LossConfig,
