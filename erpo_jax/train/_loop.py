@@ -20,6 +20,7 @@ therefore repeats the uninterrupted run's per-step metrics, timings aside.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import sys
 import time
@@ -30,6 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from erpo_jax.train._config import (
     ConfigError,
@@ -85,6 +87,8 @@ class _Run:
     stream: Any
     eval_problems: list[Any]
     reft_marker: tuple[int, ...]
+    trainable0: Any = None  # the initial trainable parameters (placed)
+    keep_fn: Any = None  # the jitted 80/20 keep-mask, built on first use
 
 
 def _say(msg: str) -> None:
@@ -236,7 +240,7 @@ def _build(cfg: RunConfig, out: Path, log: Callable[[str], None]) -> _Run:
         eval_problems,
         marker,
     )
-    run.trainable0 = trainable  # type: ignore[attr-defined]
+    run.trainable0 = trainable
     return run
 
 
@@ -394,9 +398,11 @@ def _rl_step(run: _Run, state: dict[str, Any], step: int) -> tuple[dict[str, Any
             ref_logp, _ = run.score_fn(run.ref, run.frozen, batch, True)
         batch["ref_logp"] = ref_logp
     if cfg.loss.name == "entropy_top20":
-        batch["token_keep"] = jax.jit(high_entropy_mask, static_argnames=())(
-            batch["entropy"], mask, top_fraction=cfg.loss.top_fraction
-        )
+        if run.keep_fn is None:
+            run.keep_fn = jax.jit(
+                functools.partial(high_entropy_mask, top_fraction=cfg.loss.top_fraction)
+            )
+        batch["token_keep"] = run.keep_fn(batch["entropy"], mask)
     score_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     groups = cfg.rollout.prompts_per_step
@@ -547,12 +553,20 @@ def train(
         checkpointer = RunCheckpointer(out_dir, keep=cfg.keep_checkpoints)
 
     run = _build(cfg, out_dir, log)
-    trainable = run.trainable0  # type: ignore[attr-defined]
+    trainable = run.trainable0
     state = {
         "params": trainable,
         "opt_state": run.tx.init(trainable),
         "step": jnp.zeros((), jnp.int32),
     }
+    # Scalars (the step, optimizer counts) replicated on the mesh from the
+    # start, as the update returns them: the first and later calls then see
+    # the same input shardings and share one compilation.
+    replicated = NamedSharding(run.mesh, PartitionSpec())
+    state = jax.tree.map(
+        lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated),
+        state,
+    )
     evals: dict[str, Any] = {}
     if resume:
         state, meta = checkpointer.restore(start_step, state)

@@ -243,7 +243,7 @@ def make_update_fn(
         metrics = {
             **aux,
             "loss": loss,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "learning_rate": jnp.asarray(schedule(step), jnp.float32),
         }
         return {"params": params, "opt_state": opt_state, "step": step + 1}, metrics
