@@ -37,8 +37,9 @@ def completion_hidden_states(
     contiguously and positions come from the mask exactly as in sampling.
     The last completion token predicts nothing and is not fed.
     """
+    prompt_tokens = jnp.asarray(prompt_tokens)
     s = prompt_tokens.shape[1]
-    full = jnp.concatenate([jnp.asarray(prompt_tokens), jnp.asarray(tokens)], axis=1)
+    full = jnp.concatenate([prompt_tokens, jnp.asarray(tokens)], axis=1)
     full_mask = jnp.concatenate([jnp.asarray(prompt_mask, bool), jnp.asarray(mask, bool)], axis=1)
     hidden = model.hidden_states(full[:, :-1], full_mask[:, :-1], use_lora=use_lora)
     return hidden[:, s - 1 :]

@@ -155,7 +155,7 @@ class MathTask:
         answer = extract_completion_answer(completion)
         if answer is None:
             return 0.0
-        gold = extract_reference_answer(problem.answer)
+        gold = extract_reference_answer(problem.answer) or problem.answer
         if normalize_answer(answer) == normalize_answer(gold):
             return 1.0
         if len(answer) > self.max_answer_chars:

@@ -561,7 +561,7 @@ def load_config(
         if not os.path.isfile(path):
             raise ConfigError(f"config file {os.fspath(path)!r} does not exist")
         try:
-            layers.append(OmegaConf.load(path))
+            layers.append(OmegaConf.load(os.fspath(path)))
         except Exception as err:  # yaml errors come in several types
             raise ConfigError(f"config file {os.fspath(path)!r} is not valid YAML: {err}") from None
     for item in overrides:

@@ -31,7 +31,7 @@ def _plain(value: Any) -> Any:
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The records of a ``metrics.jsonl`` (a torn last line is skipped)."""
-    out = []
+    out: list[dict[str, Any]] = []
     p = Path(path)
     if not p.is_file():
         return out

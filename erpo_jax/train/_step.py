@@ -111,10 +111,8 @@ def make_optimizer(
 
 def split_policy(model: nnx.Module, *, lora: bool) -> tuple[Any, nnx.State, nnx.State]:
     """``(graphdef, trainable, frozen)``: LoRA adapters only, or every parameter."""
-    if lora:
-        graphdef, trainable, frozen = nnx.split(model, nnx.LoRAParam, ...)
-    else:
-        graphdef, trainable, frozen = nnx.split(model, nnx.Param, ...)
+    graphdef, *states = nnx.split(model, nnx.LoRAParam if lora else nnx.Param, ...)
+    trainable, frozen = states
     return graphdef, trainable, frozen
 
 
