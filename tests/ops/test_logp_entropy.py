@@ -107,9 +107,7 @@ def test_gradient_of_each_output_matches_finite_differences():
 )
 def test_traced_temperature_value_and_gradient(kw):
     hidden, unembed, tokens = _inputs(3)
-    fn = jax.jit(
-        lambda h, w, tok, temp: token_logp_and_entropy(h, w, tok, temperature=temp, **kw)
-    )
+    fn = jax.jit(lambda h, w, tok, temp: token_logp_and_entropy(h, w, tok, temperature=temp, **kw))
     args = tuple(jnp.asarray(x) for x in (hidden, unembed, tokens))
     logp, entropy = fn(*args, jnp.float32(0.5))
     ref_logp, ref_entropy = _reference(hidden, unembed, tokens, 0.5)
@@ -118,9 +116,7 @@ def test_traced_temperature_value_and_gradient(kw):
     # d/dT of a mix of both outputs against a float64 central difference of
     # the NumPy reference (step 1e-4: truncation error ~1e-8).
     a, c = 0.3, 0.7
-    grad = jax.grad(lambda t: jnp.sum(a * fn(*args, t)[0] + c * fn(*args, t)[1]))(
-        jnp.float32(0.5)
-    )
+    grad = jax.grad(lambda t: jnp.sum(a * fn(*args, t)[0] + c * fn(*args, t)[1]))(jnp.float32(0.5))
 
     def f(temp):
         lp, ent = _reference(hidden, unembed, tokens, temp)
