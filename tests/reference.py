@@ -16,9 +16,17 @@ Layout: ``B = P * G`` rows, prompt-major (row ``b = p * G + g``), buffers ``[B, 
 ``n_b`` is the number of valid tokens of row ``b``; ``pos[b, t]`` is the rank of a
 valid token among its row's valid tokens (``cumsum(mask) - 1``).
 
-Degenerate statistics: when every value entering a mean/std is identical, the
-deviations are taken to be exactly 0 (and the std exactly 0), so an all-equal
-group gives advantage 0, z-score 0, normalised signal 0 with no round-off.
+Degenerate statistics (the same rules as the code, docs/method.md):
+
+* rewards: a group whose rewards are all equal gets advantage exactly 0;
+* z-scores of a set of values (a group's entropies, a (prompt, bucket) set of
+  progress values): the set is degenerate when it holds one value or when its
+  population std is at most ``1e-6 * |mean|`` (a spread below float32
+  resolution); every z-score of a degenerate set is exactly 0.
+
+Non-finite inputs on valid tokens (METHOD.md section 2, "Numerical contract"):
+the progress log-ratio ``old - ref`` is clipped to ``[-20, 20]`` and counts as 0
+when it is NaN; an entropy counts as 0 when NaN and is clamped to ``[-1e6, 1e6]``.
 """
 
 from __future__ import annotations
@@ -58,6 +66,39 @@ def _mean_std(values, ddof=0):
         raise ValueError(f"ddof={ddof} needs more than {ddof} values, got {n}")
     var = math.fsum((v - mean) ** 2 for v in values) / (n - ddof)
     return mean, math.sqrt(var)
+
+
+# A set whose population std is at most this times |mean| is degenerate.
+DEGENERATE_REL_STD = 1e-6
+ENTROPY_BOUND = 1e6
+LOG_RATIO_CLIP = 20.0
+
+
+def _set_zscores(values, eps, floor=0.0):
+    """z-scores ``(v - mean) / (max(std, floor) + eps)`` of a non-empty list, population std.
+
+    Degenerate sets (one value, or ``std <= 1e-6 * |mean|``) give all zeros.
+    Returns ``(z_list, mean, std)``.
+    """
+    n = len(values)
+    mean = math.fsum(values) / n
+    std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / n)
+    if n <= 1 or std <= DEGENERATE_REL_STD * abs(mean):
+        return [0.0] * n, mean, std
+    return [(v - mean) / (max(std, floor) + eps) for v in values], mean, std
+
+
+def _clean_entropy(h):
+    if math.isnan(h):
+        return 0.0
+    return _clip(h, -ENTROPY_BOUND, ENTROPY_BOUND)
+
+
+def _log_sigmoid(x):
+    """log(sigmoid(x)) for one Python float, finite for every finite x."""
+    if x >= 0.0:
+        return -math.log1p(math.exp(-x))
+    return x - math.log1p(math.exp(x))
 
 
 def _sigmoid(x):
@@ -298,12 +339,14 @@ def ref_grpo_loss(logp, old_logp, rewards, mask, normalize_std=True, ddof=1, eps
 # ------------------------------------------------------------------ section 2: ERPO
 
 
-def ref_entropy_gate(entropy, mask, group_size, gamma=5.0, eps=1e-6):
-    """Entropy-aware gate, METHOD.md section 2 (i).
+def ref_entropy_gate(entropy, mask, group_size, gamma=5.0, eps=1e-6, log_space=False):
+    """Entropy-aware gate, METHOD.md section 2 (i) (Eq. 8).
 
     ``z = (H - mean_group(H)) / (std_group(H) + eps)`` with the mean and the
-    POPULATION std over all valid tokens of the ``group_size`` rows of one prompt;
-    ``W = sigmoid(gamma * z)``; ``W = 0`` on masked positions.
+    POPULATION std over all valid tokens of the ``group_size`` rows of one prompt
+    (a degenerate group gives z = 0); ``W = sigmoid(gamma * z)``, or
+    ``log W = log_sigmoid(gamma * z)`` with ``log_space``; 0 on masked positions.
+    Entropies are cleaned first (NaN -> 0, clamped to +-1e6).
     """
     H = _f64(entropy)
     mask = _bool(mask)
@@ -312,28 +355,59 @@ def ref_entropy_gate(entropy, mask, group_size, gamma=5.0, eps=1e-6):
     G = group_size
     W = np.zeros((B, T), dtype=np.float64)
     for p in range(P):
-        rows = range(p * G, (p + 1) * G)
-        vals = [float(H[b, t]) for b in rows for t in range(T) if mask[b, t]]
-        if not vals:
+        members = [(b, t) for b in range(p * G, (p + 1) * G) for t in range(T) if mask[b, t]]
+        if not members:
             continue  # nothing to compute
-        mean, std = _mean_std(vals, ddof=0)
-        for b in rows:
-            for t in range(T):
-                if not mask[b, t]:
-                    continue
-                h = float(H[b, t])
-                z = 0.0 if std == 0.0 and h == mean else (h - mean) / (std + eps)
-                W[b, t] = _sigmoid(gamma * z)
+        vals = [_clean_entropy(float(H[b, t])) for (b, t) in members]
+        zs, _, _ = _set_zscores(vals, eps)
+        for (b, t), z in zip(members, zs, strict=True):
+            W[b, t] = _log_sigmoid(gamma * z) if log_space else _sigmoid(gamma * z)
     return W
 
 
-def ref_bucket_normalize(signal, mask, group_size, num_buckets=10, eps=1e-6):
-    """Bucket-based implicit normalization, METHOD.md section 2 (ii).
+def ref_progress_signal(old_logp, ref_logp, mask, beta=0.1):
+    """Implicit progress, METHOD.md section 2 (ii) (Eq. 7).
+
+    ``s = beta * clip(old_logp - ref_logp, -20, 20)`` on valid tokens (a NaN
+    log-ratio counts as 0), 0 on masked positions.
+    """
+    old = _f64(old_logp)
+    ref = _f64(ref_logp)
+    mask = _bool(mask)
+    B, T = mask.shape
+    s = np.zeros((B, T), dtype=np.float64)
+    for b in range(B):
+        for t in range(T):
+            if mask[b, t]:
+                d = float(old[b, t]) - float(ref[b, t])
+                d = 0.0 if math.isnan(d) else _clip(d, -LOG_RATIO_CLIP, LOG_RATIO_CLIP)
+                s[b, t] = beta * d
+    return s
+
+
+def _bucket_of(mask, num_buckets):
+    """k(b, t) = min((K * pos[b, t]) // n_b, K - 1) (exact integers), keyed by (b, t)."""
+    B, T = mask.shape
+    n = _row_counts(mask)
+    pos = _positions(mask)
+    K = int(num_buckets)
+    return {
+        (b, t): min((K * pos[(b, t)]) // n[b], K - 1)
+        for b in range(B)
+        for t in range(T)
+        if mask[b, t]
+    }
+
+
+def ref_bucket_stats(signal, mask, group_size, num_buckets=10, eps=1e-6, std_floor=0.0):
+    """Bucket-based implicit normalization, METHOD.md section 2 (ii) (Eq. 9).
 
     Bucket ``k(b, t) = min((K * pos[b, t]) // n_b, K - 1)`` (exact integers);
-    ``s_hat = (s - mean_{group,k}(s)) / (std_{group,k}(s) + eps)`` with mean and
-    POPULATION std over the valid tokens of the prompt's ``group_size`` rows that
-    fall in the same bucket. 0 on masked positions.
+    ``s_hat = (s - mean_{group,k}(s)) / (max(std_{group,k}(s), std_floor) + eps)``
+    with mean and POPULATION std over the valid tokens of the prompt's
+    ``group_size`` rows that fall in the same bucket; a degenerate set gives 0.
+    Returns ``(s_hat [B, T], stds)`` with ``stds`` the population std of every
+    non-empty (prompt, bucket) set.
     """
     s = _f64(signal)
     mask = _bool(mask)
@@ -343,15 +417,9 @@ def ref_bucket_normalize(signal, mask, group_size, num_buckets=10, eps=1e-6):
     K = int(num_buckets)
     if K < 1:
         raise ValueError("num_buckets must be >= 1")
-    n = _row_counts(mask)
-    pos = _positions(mask)
-    bucket = {}
-    for b in range(B):
-        for t in range(T):
-            if not mask[b, t]:
-                continue
-            bucket[(b, t)] = min((K * pos[(b, t)]) // n[b], K - 1)
+    bucket = _bucket_of(mask, K)
     out = np.zeros((B, T), dtype=np.float64)
+    stds = []
     for p in range(P):
         rows = range(p * G, (p + 1) * G)
         for k in range(K):
@@ -359,38 +427,55 @@ def ref_bucket_normalize(signal, mask, group_size, num_buckets=10, eps=1e-6):
             if not members:
                 continue
             vals = [float(s[b, t]) for (b, t) in members]
-            mean, std = _mean_std(vals, ddof=0)
-            for b, t in members:
-                v = float(s[b, t])
-                out[b, t] = 0.0 if std == 0.0 and v == mean else (v - mean) / (std + eps)
-    return out
+            zs, _, std = _set_zscores(vals, eps, floor=std_floor)
+            stds.append(std)
+            for (b, t), z in zip(members, zs, strict=True):
+                out[b, t] = z
+    return out, stds
 
 
-def ref_erpo_token_advantages(
+def ref_bucket_normalize(signal, mask, group_size, num_buckets=10, eps=1e-6, std_floor=0.0):
+    """``s_hat`` of :func:`ref_bucket_stats`."""
+    return ref_bucket_stats(signal, mask, group_size, num_buckets, eps, std_floor)[0]
+
+
+def ref_erpo_token_terms(
     rewards,
     entropy,
     mask,
     old_logp=None,
     ref_logp=None,
+    logp=None,
     gamma=5.0,
     num_buckets=10,
     beta=0.1,
     eta=0.2,
     gate_mode="redistribute",
+    psi_gate=True,
+    progress_std_floor=0.0,
+    progress_source="old",
     eps=1e-6,
     normalize_std=True,
     ddof=1,
 ):
-    """ERPO token advantage, METHOD.md section 2 (i)-(iii) and "Final token advantage".
+    """Every ERPO term, METHOD.md section 2 (i)-(iii) and "Final token advantage".
 
-    ``A_b`` from ``ref_group_advantages``; ``W`` from ``ref_entropy_gate``; if
-    ``eta != 0``: ``s = beta*(old_logp - ref_logp)``, ``s_hat`` from
-    ``ref_bucket_normalize``, ``Psi = W * sign(A_b) * s_hat`` (sign(0) = 0), else
-    ``Psi = 0``. ``omega``: "redistribute" ``n_b*W/sum_t W``, "amplify" ``1 + W``,
-    "none" ``1``. ``A_tok = A_b*omega + eta*Psi``, 0 on masked positions.
+    ``A_b`` from ``ref_group_advantages``; ``W`` from ``ref_entropy_gate``; the
+    progress signal ``s`` (Eq. 7) from ``old_logp`` (``progress_source="old"``)
+    or ``logp`` (``"current"``) when ``eta != 0`` or both inputs are given,
+    ``s_hat`` from ``ref_bucket_normalize`` and ``Psi = W * sign(A_b) * s_hat``
+    (``sign(A_b) * s_hat`` with ``psi_gate=False``; sign(0) = 0), else all 0.
+    ``omega``: "redistribute" ``n_b * softmax_t(log_sigmoid(gamma * z))`` over
+    the row's valid tokens, "amplify" ``1 + W``, "none" ``1``.
+    ``A_tok = A_b*omega + eta*Psi``. Everything is 0 on masked positions.
+    Returns a dict with ``gate``, ``progress``, ``progress_hat``, ``psi``,
+    ``omega``, ``adv_tok`` (each ``[B, T]``), ``adv_seq`` (``[B]``) and
+    ``bucket_stds`` (the population std of every non-empty (prompt, bucket) set).
     """
     if gate_mode not in GATE_MODES:
         raise ValueError(f"unknown gate_mode {gate_mode!r}")
+    if progress_source not in ("old", "current"):
+        raise ValueError(f"unknown progress_source {progress_source!r}")
     adv = ref_group_advantages(rewards, normalize_std=normalize_std, ddof=ddof, eps=eps)
     P, G = adv.shape
     mask = _bool(mask)
@@ -399,79 +484,134 @@ def ref_erpo_token_advantages(
         raise ValueError("mask rows must equal P*G")
     A_row = [float(adv[p, g]) for p in range(P) for g in range(G)]  # prompt-major
     W = ref_entropy_gate(entropy, mask, G, gamma=gamma, eps=eps)
+    log_W = ref_entropy_gate(entropy, mask, G, gamma=gamma, eps=eps, log_space=True)
 
+    source = old_logp if progress_source == "old" else logp
+    s = np.zeros((B, T), dtype=np.float64)
+    s_hat = np.zeros((B, T), dtype=np.float64)
     Psi = np.zeros((B, T), dtype=np.float64)
-    if eta != 0.0:
-        if old_logp is None or ref_logp is None:
-            raise ValueError("eta != 0 needs old_logp and ref_logp")
-        old = _f64(old_logp)
-        ref = _f64(ref_logp)
-        s = np.zeros((B, T), dtype=np.float64)
+    stds = []
+    if eta != 0.0 or (source is not None and ref_logp is not None):
+        if source is None or ref_logp is None:
+            raise ValueError("eta != 0 needs the progress source and ref_logp")
+        s = ref_progress_signal(source, ref_logp, mask, beta=beta)
+        s_hat, stds = ref_bucket_stats(
+            s, mask, G, num_buckets=num_buckets, eps=eps, std_floor=progress_std_floor
+        )
         for b in range(B):
             for t in range(T):
                 if mask[b, t]:
-                    s[b, t] = beta * (float(old[b, t]) - float(ref[b, t]))
-        s_hat = ref_bucket_normalize(s, mask, G, num_buckets=num_buckets, eps=eps)
-        for b in range(B):
-            for t in range(T):
-                if mask[b, t]:
-                    Psi[b, t] = W[b, t] * _sign(A_row[b]) * s_hat[b, t]
+                    gate = W[b, t] if psi_gate else 1.0
+                    Psi[b, t] = gate * _sign(A_row[b]) * s_hat[b, t]
 
     n = _row_counts(mask)
+    omega = np.zeros((B, T), dtype=np.float64)
     out = np.zeros((B, T), dtype=np.float64)
     for b in range(B):
         if n[b] == 0:
             continue
-        w_sum = math.fsum(float(W[b, t]) for t in range(T) if mask[b, t])
-        for t in range(T):
-            if not mask[b, t]:
-                continue
+        valid = [t for t in range(T) if mask[b, t]]
+        top = max(float(log_W[b, t]) for t in valid)
+        total = math.fsum(math.exp(float(log_W[b, t]) - top) for t in valid)
+        for t in valid:
             if gate_mode == "redistribute":
-                omega = n[b] * W[b, t] / w_sum
+                omega[b, t] = n[b] * math.exp(float(log_W[b, t]) - top) / total
             elif gate_mode == "amplify":
-                omega = 1.0 + W[b, t]
+                omega[b, t] = 1.0 + W[b, t]
             else:
-                omega = 1.0
-            out[b, t] = A_row[b] * omega + eta * Psi[b, t]
-    return out
+                omega[b, t] = 1.0
+            out[b, t] = A_row[b] * omega[b, t] + eta * Psi[b, t]
+    return {
+        "gate": W,
+        "progress": s,
+        "progress_hat": s_hat,
+        "psi": Psi,
+        "omega": omega,
+        "adv_tok": out,
+        "adv_seq": np.array(A_row, dtype=np.float64),
+        "bucket_stds": stds,
+    }
 
 
-def ref_erpo_loss(
-    logp,
-    old_logp,
-    rewards,
-    entropy,
-    mask,
-    ref_logp=None,
-    gamma=5.0,
-    num_buckets=10,
-    beta=0.1,
-    eta=0.2,
-    gate_mode="redistribute",
-    eps=1e-6,
-    normalize_std=True,
-    ddof=1,
-    **policy_kw,
-):
+def ref_erpo_token_advantages(rewards, entropy, mask, eta=0.2, **kw):
+    """ERPO token advantage, METHOD.md section 2: ``adv_tok`` of ``ref_erpo_token_terms``
+    (which computes the progress signal only when ``eta != 0``)."""
+    if eta == 0.0:
+        kw = dict(kw, old_logp=None, ref_logp=None, logp=None)
+    return ref_erpo_token_terms(rewards, entropy, mask, eta=eta, **kw)["adv_tok"]
+
+
+_ERPO_KW = (
+    "gamma",
+    "num_buckets",
+    "beta",
+    "eta",
+    "gate_mode",
+    "psi_gate",
+    "progress_std_floor",
+    "progress_source",
+    "eps",
+    "normalize_std",
+    "ddof",
+)
+
+
+def ref_erpo_loss(logp, old_logp, rewards, entropy, mask, ref_logp=None, **kw):
     """ERPO loss, METHOD.md section 2: section 1's policy loss with ``A = A_tok`` from
-    ``ref_erpo_token_advantages``. ``old_logp`` also feeds the progress signal;
-    ``ref_logp`` feeds both the progress signal and (if ``kl_coef != 0``) the KL."""
+    ``ref_erpo_token_advantages``. ``old_logp`` (or ``logp`` with
+    ``progress_source="current"``) feeds the progress signal; ``ref_logp`` feeds
+    both the progress signal and (if ``kl_coef != 0``) the KL."""
+    erpo_kw = {k: v for k, v in kw.items() if k in _ERPO_KW}
+    policy_kw = {k: v for k, v in kw.items() if k not in _ERPO_KW}
     adv_tok = ref_erpo_token_advantages(
-        rewards,
-        entropy,
-        mask,
-        old_logp=old_logp,
-        ref_logp=ref_logp,
-        gamma=gamma,
-        num_buckets=num_buckets,
-        beta=beta,
-        eta=eta,
-        gate_mode=gate_mode,
-        eps=eps,
-        normalize_std=normalize_std,
-        ddof=ddof,
+        rewards, entropy, mask, old_logp=old_logp, ref_logp=ref_logp, logp=logp, **erpo_kw
     )
     return ref_policy_loss(logp, old_logp, adv_tok, mask, ref_logp=ref_logp, **policy_kw)
+
+
+def ref_erpo_aux(logp, old_logp, rewards, entropy, mask, ref_logp=None, **kw):
+    """ERPO's own diagnostics (``ErpoAux`` fields after the policy ones), from the
+    definitions in ``erpo_jax.losses.ErpoAux``'s documentation. Progress fields are
+    0 when ``eta == 0`` (the progress signal is not computed)."""
+    erpo_kw = {k: v for k, v in kw.items() if k in _ERPO_KW}
+    eta = erpo_kw.get("eta", 0.2)
+    src = {"old_logp": old_logp, "ref_logp": ref_logp, "logp": logp}
+    if eta == 0.0:
+        src = {}
+    terms = ref_erpo_token_terms(rewards, entropy, mask, **src, **erpo_kw)
+    mask = _bool(mask)
+    H = _f64(entropy)
+    B, T = mask.shape
+    valid = [(b, t) for b in range(B) for t in range(T) if mask[b, t]]
+    nv = max(len(valid), 1)
+    A = terms["adv_seq"]
+    ents = [_clean_entropy(float(H[b, t])) for (b, t) in valid]
+    directed = [(b, t) for (b, t) in valid if A[b] != 0.0]
+    flips = [(b, t) for (b, t) in directed if _sign(terms["adv_tok"][b, t]) != _sign(float(A[b]))]
+    effs = []
+    for b in range(B):
+        om = [terms["omega"][b, t] for t in range(T) if mask[b, t]]
+        if om:
+            effs.append(math.fsum(om) ** 2 / (len(om) * math.fsum(o * o for o in om)))
+    progress_on = eta != 0.0
+    stds = terms["bucket_stds"]
+    return {
+        "gate_mean": math.fsum(terms["gate"][b, t] for (b, t) in valid) / nv,
+        "cdp_frac": sum(terms["gate"][b, t] > 0.5 for (b, t) in valid) / nv,
+        "entropy_mean": math.fsum(ents) / nv,
+        "entropy_p90": float(np.quantile(ents, 0.9)) if ents else 0.0,
+        "psi_abs_mean": math.fsum(abs(terms["psi"][b, t]) for (b, t) in valid) / nv
+        if progress_on
+        else 0.0,
+        "adv_seq_abs_mean": math.fsum(abs(a) for a in A) / len(A),
+        "sign_flip_frac": len(flips) / max(len(directed), 1),
+        "omega_max": max((terms["omega"][b, t] for (b, t) in valid), default=0.0),
+        "eff_token_frac": math.fsum(effs) / max(len(effs), 1),
+        "progress_abs_mean": math.fsum(abs(terms["progress"][b, t]) for (b, t) in valid) / nv
+        if progress_on
+        else 0.0,
+        "progress_std_mean": math.fsum(stds) / max(len(stds), 1) if progress_on else 0.0,
+    }
 
 
 # ------------------------------------------------------- section 3: related methods
@@ -485,19 +625,32 @@ def _power_mean(values, p):
     return (math.fsum(v**p for v in values) / n) ** (1.0 / p)
 
 
-def ref_holder_loss(logp, old_logp, adv_seq, mask, p, clip_eps=0.2, clip_level="sequence"):
+def ref_holder_loss(
+    logp,
+    old_logp,
+    adv_seq,
+    mask,
+    p,
+    clip_eps=0.2,
+    clip_level="sequence",
+    clip_eps_high=None,
+    denominator=None,
+):
     """HolderPO loss, METHOD.md section 3 (HolderPO).
 
-    ``log_ratio_t = clip(logp - old_logp, -20, 20)``.
+    ``log_ratio_t = clip(logp - old_logp, -20, 20)``; ``clip(x)`` below is
+    ``clip(x, 1-eps_low, 1+eps_high)`` with ``eps_low = clip_eps`` and
+    ``eps_high = clip_eps_high`` (default ``clip_eps``).
 
     * ``clip_level="sequence"``: ``rho_b = ((1/n_b) sum_t exp(p*log_ratio_t))^(1/p)``
       (``exp(mean_t log_ratio_t)`` at p = 0);
-      ``l_b = -min(rho_b*A_b, clip(rho_b, 1-eps, 1+eps)*A_b)``.
+      ``l_b = -min(rho_b*A_b, clip(rho_b)*A_b)``.
     * ``clip_level="token"``: ``r_t = exp(log_ratio_t)``, ``e_t = min(r_t, clip(r_t))``
       if ``A_b >= 0`` else ``max(r_t, clip(r_t))``; ``rho_b`` = power mean of ``e_t``
       (same p rule); ``l_b = -rho_b*A_b``.
 
-    Loss ``= (1/B) sum_{b: n_b > 0} l_b`` (empty rows add 0 but count in B).
+    Loss ``= (1/D) sum_{b: n_b > 0} l_b`` with ``D = max(denominator, 1)``,
+    ``denominator`` defaulting to B (empty rows add 0 but count in B).
     """
     if clip_level not in ("sequence", "token"):
         raise ValueError(f"unknown clip_level {clip_level!r}")
@@ -507,7 +660,8 @@ def ref_holder_loss(logp, old_logp, adv_seq, mask, p, clip_eps=0.2, clip_level="
     mask = _bool(mask)
     B, T = mask.shape
     p = float(p)
-    lo, hi = 1.0 - clip_eps, 1.0 + clip_eps
+    lo = 1.0 - clip_eps
+    hi = 1.0 + (clip_eps if clip_eps_high is None else clip_eps_high)
     losses = []
     for b in range(B):
         log_ratios = []
@@ -534,7 +688,7 @@ def ref_holder_loss(logp, old_logp, adv_seq, mask, p, clip_eps=0.2, clip_level="
                 eff.append(min(r, c) if a >= 0.0 else max(r, c))
             rho = _power_mean(eff, p)
             losses.append(-rho * a)
-    return math.fsum(losses) / B
+    return math.fsum(losses) / (B if denominator is None else max(float(denominator), 1.0))
 
 
 def ref_high_entropy_mask(entropy, mask, top_fraction=0.2):

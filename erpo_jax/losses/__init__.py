@@ -7,15 +7,23 @@ are our documented choices).
 """
 
 from erpo_jax.losses._advantages import group_advantages
-from erpo_jax.losses._check import AGG_MODES, CLIP_LEVELS, GATE_MODES, KL_ESTIMATORS
+from erpo_jax.losses._check import (
+    AGG_MODES,
+    CLIP_LEVELS,
+    GATE_MODES,
+    KL_ESTIMATORS,
+    PROGRESS_SOURCES,
+)
 from erpo_jax.losses._credit import arca_token_advantages, arca_token_weights, high_entropy_mask
 from erpo_jax.losses._erpo import (
     ErpoAux,
+    ErpoTerms,
     bucket_ids,
     bucket_normalize,
     entropy_gate,
     erpo_loss,
     erpo_token_advantages,
+    erpo_token_terms,
     progress_signal,
     result_anchored_synthesis,
 )
@@ -41,7 +49,9 @@ __all__ = [
     "CLIP_LEVELS",
     "GATE_MODES",
     "KL_ESTIMATORS",
+    "PROGRESS_SOURCES",
     "ErpoAux",
+    "ErpoTerms",
     "HolderAux",
     "PolicyAux",
     "aggregate",
@@ -53,6 +63,7 @@ __all__ = [
     "entropy_gate",
     "erpo_loss",
     "erpo_token_advantages",
+    "erpo_token_terms",
     "group_advantages",
     "grpo_loss",
     "gspo_loss",

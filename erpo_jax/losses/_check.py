@@ -10,12 +10,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 GATE_MODES = ("redistribute", "amplify", "none")
 CLIP_LEVELS = ("sequence", "token")
+PROGRESS_SOURCES = ("old", "current")
 
 
 def check_choice(fn: str, name: str, value: Any, allowed: Sequence[str]) -> None:
@@ -79,12 +81,28 @@ def check_rewards(fn: str, rewards: Any, b: int | None = None) -> tuple[int, int
     return p, g
 
 
-def is_static_zero(x: Any) -> bool:
-    """True when ``x`` is a Python (or NumPy) number equal to zero.
+def concrete_float(x: Any) -> float | None:
+    """``float(x)`` when ``x`` is known at trace time, else None.
 
-    A traced value is never "static zero": its value is unknown at trace time.
+    Hyperparameters may be Python numbers, NumPy scalars, concrete JAX
+    scalars or tracers (a schedule value inside ``jit``). Range checks run on
+    the first three and are skipped for a tracer, whose value is unknown
+    until the program runs; the arithmetic never converts a hyperparameter
+    with ``float``, so a traced value flows through it unchanged.
     """
+    if x is None or isinstance(x, jax.core.Tracer):
+        return None
     try:
-        return float(x) == 0.0
-    except (TypeError, ValueError, Exception):
-        return False
+        return float(x)
+    except (TypeError, ValueError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def is_static_zero(x: Any) -> bool:
+    """True when ``x`` is known at trace time and equal to zero.
+
+    A traced value is never "static zero": its value is unknown at trace
+    time, so the code paths that a zero would skip (the KL term, ERPO's
+    progress signal) stay in the program and their inputs are required.
+    """
+    return concrete_float(x) == 0.0

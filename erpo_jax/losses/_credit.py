@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from erpo_jax.losses._check import check_bt, check_rows
+from erpo_jax.losses._check import check_bt, check_rows, concrete_float
 from erpo_jax.ops import masked_quantile
 from erpo_jax.typing import Array, ArrayLike, Bool, Float
 
@@ -20,7 +20,7 @@ def high_entropy_mask(
     entropy: Float[ArrayLike, "B T"],
     mask: Bool[ArrayLike, "B T"],
     *,
-    top_fraction: float = 0.2,
+    top_fraction: float | Array = 0.2,
 ) -> Bool[Array, "B T"]:
     """Valid tokens whose entropy is in the top ``top_fraction`` of the batch.
 
@@ -37,17 +37,20 @@ def high_entropy_mask(
     Args:
       entropy: ``[B, T]`` sampler entropies (data).
       mask: ``[B, T]`` valid tokens.
-      top_fraction: fraction of valid tokens to keep, in (0, 1].
+      top_fraction: fraction of valid tokens to keep, in (0, 1]; may be a
+        traced scalar.
 
     Returns:
       ``[B, T]`` bool, a subset of ``mask`` (all False when nothing is valid).
     """
     check_bt("high_entropy_mask", entropy=entropy, mask=mask)
-    if not 0.0 < float(top_fraction) <= 1.0:
+    frac = concrete_float(top_fraction)
+    if frac is not None and not 0.0 < frac <= 1.0:
         raise ValueError(f"high_entropy_mask: top_fraction={top_fraction} must lie in (0, 1]")
     mask = jnp.asarray(mask, bool)
     h = jax.lax.stop_gradient(jnp.where(mask, jnp.asarray(entropy, jnp.float32), 0.0))
-    tau = masked_quantile(h, mask, 1.0 - float(top_fraction))
+    # No float(): top_fraction may be a traced schedule value.
+    tau = masked_quantile(h, mask, 1.0 - jnp.asarray(top_fraction, jnp.float32))
     return mask & (h >= tau)
 
 

@@ -13,7 +13,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from erpo_jax.losses._check import CLIP_LEVELS, check_bt, check_choice, check_rows
+from erpo_jax.losses._check import (
+    CLIP_LEVELS,
+    check_bt,
+    check_choice,
+    check_rows,
+    concrete_float,
+)
 from erpo_jax.losses._policy import LOG_RATIO_CLIP
 from erpo_jax.ops import masked_sum
 from erpo_jax.typing import Array, ArrayLike, Bool, Float
@@ -64,24 +70,27 @@ def holder_loss(
     mask: Bool[ArrayLike, "B T"],
     *,
     p: float | Array,
-    clip_eps: float = 0.2,
+    clip_eps: float | Array = 0.2,
+    clip_eps_high: float | Array | None = None,
     clip_level: str = "sequence",
+    denominator: float | Array | None = None,
 ) -> tuple[Float[Array, ""], HolderAux]:
     """HolderPO loss (arXiv 2605.12058; METHOD.md section 3).
 
-    With ``r_t = exp(clip(logp - old_logp, -20, 20))``:
+    With ``r_t = exp(clip(logp - old_logp, -20, 20))`` and
+    ``clip(x) = clip(x, 1 - clip_eps, 1 + clip_eps_high)``:
 
     - ``clip_level="sequence"`` (HolderPO, GSPO at ``p=0``):
       ``rho_b = ((1/n_b) sum_t r_t^p)^(1/p)`` (geometric mean at ``p=0``),
-      ``l_b = -min(rho_b A_b, clip(rho_b, 1-eps, 1+eps) A_b)``;
+      ``l_b = -min(rho_b A_b, clip(rho_b) A_b)``;
     - ``clip_level="token"``: each ratio is first PPO-clipped for the sign of
       ``A_b`` (``e_t = min(r_t, clip(r_t))`` if ``A_b >= 0`` else ``max``),
       then ``rho_b`` is the power mean of ``e_t`` and ``l_b = -rho_b A_b``.
       At ``p=1`` this is exactly GRPO with ``agg="seq_mean_token_mean"``.
 
-    The loss is ``(1/B) sum_b l_b`` over rows with at least one valid token.
-    Everything runs in log space; ``p`` may be traced, e.g. from
-    :func:`holder_p_schedule`.
+    The loss is ``sum_b l_b / max(denominator, 1)`` over rows with at least
+    one valid token, ``denominator = B`` by default. Everything runs in log
+    space.
 
     Args:
       logp, old_logp: ``[B, T]`` current and rollout log-probs.
@@ -89,8 +98,18 @@ def holder_loss(
         flattened prompt-major).
       mask: ``[B, T]`` valid tokens.
       p: power of the mean (``2 -> -2`` over training by default).
-      clip_eps: clip range.
-      clip_level: ``"sequence"`` or ``"token"``.
+      clip_eps: lower clip ``eps_low`` (and the upper one unless
+        ``clip_eps_high`` is given), in (0, 1).
+      clip_eps_high: upper clip ``eps_high`` (default ``clip_eps``).
+      clip_level: ``"sequence"`` or ``"token"`` (static).
+      denominator: the row count to divide by. When this call sees one
+        micro-batch of a larger batch, pass the whole batch's ``B``: the
+        micro-batch losses (and gradients) then sum to the full batch's
+        exactly, as with :func:`policy_loss`'s ``denominator``.
+
+    ``p``, ``clip_eps``, ``clip_eps_high`` and ``denominator`` may be traced
+    scalars (``p`` e.g. from :func:`holder_p_schedule`); range checks run on
+    concrete values only.
 
     Returns:
       ``(loss, aux)`` with ``aux`` a :class:`HolderAux`.
@@ -99,15 +118,21 @@ def holder_loss(
     check_choice(fn, "clip_level", clip_level, CLIP_LEVELS)
     b, _ = check_bt(fn, logp=logp, old_logp=old_logp, mask=mask)
     check_rows(fn, "adv_seq", adv_seq, b)
-    if not 0.0 < float(clip_eps) < 1.0:
+    low = concrete_float(clip_eps)
+    if low is not None and not 0.0 < low < 1.0:
         raise ValueError(f"{fn}: clip_eps={clip_eps} must lie in (0, 1)")
+    high = concrete_float(clip_eps_high)
+    if high is not None and high <= 0.0:
+        raise ValueError(f"{fn}: clip_eps_high={clip_eps_high} must be positive")
     mask = jnp.asarray(mask, bool)
     sg = jax.lax.stop_gradient
     logp = jnp.where(mask, jnp.asarray(logp, jnp.float32), 0.0)
     old = sg(jnp.where(mask, jnp.asarray(old_logp, jnp.float32), 0.0))
     adv = sg(jnp.asarray(adv_seq, jnp.float32))
     log_ratio = jnp.clip(logp - old, -LOG_RATIO_CLIP, LOG_RATIO_CLIP)
-    lo, hi = jnp.log1p(-clip_eps), jnp.log1p(clip_eps)
+    eps_low = jnp.asarray(clip_eps, jnp.float32)
+    eps_high = eps_low if clip_eps_high is None else jnp.asarray(clip_eps_high, jnp.float32)
+    lo, hi = jnp.log1p(-eps_low), jnp.log1p(eps_high)
     valid_row = jnp.any(mask, axis=-1)
 
     if clip_level == "sequence":
@@ -132,7 +157,8 @@ def holder_loss(
         active = (log_eff != log_ratio).astype(jnp.float32)
         clip_frac = masked_sum(sg(active), mask) / jnp.maximum(jnp.sum(mask), 1)
 
-    loss = jnp.sum(jnp.where(valid_row, row_loss, 0.0)) / b
+    den = jnp.float32(b) if denominator is None else jnp.asarray(denominator, jnp.float32)
+    loss = jnp.sum(jnp.where(valid_row, row_loss, 0.0)) / jnp.maximum(den, 1.0)
     num_rows = jnp.sum(valid_row, dtype=jnp.float32)
     aux = HolderAux(
         rho_mean=jnp.sum(jnp.where(valid_row, sg(rho), 0.0)) / jnp.maximum(num_rows, 1.0),
@@ -149,14 +175,37 @@ def gspo_loss(
     adv_seq: Float[ArrayLike, " B"],
     mask: Bool[ArrayLike, "B T"],
     *,
-    clip_eps: float = 3e-4,
+    clip_eps: float | Array = 3e-4,
+    clip_eps_high: float | Array | None = 4e-4,
+    denominator: float | Array | None = None,
 ) -> tuple[Float[Array, ""], HolderAux]:
     """GSPO (arXiv 2507.18071 eq. 5-7): :func:`holder_loss` at ``p=0``, sequence clipping.
 
-    The sequence ratio is the geometric mean of token ratios; GSPO's paper
-    uses a much smaller clip range than token-level PPO (default ``3e-4``).
+    The sequence ratio is the geometric mean of token ratios,
+    ``exp(mean_t log r_t)``, clipped to ``[1 - clip_eps, 1 + clip_eps_high]``.
+    The defaults, ``3e-4`` left and ``4e-4`` right, are the GSPO paper's:
+    its section 5.1 (empirical results, Qwen3-30B-A3B) sets the left and
+    right clipping ranges of its Eq. 5 to 3e-4 and 4e-4 (against 0.2 and
+    0.27 for its GRPO baseline): a length-normalized sequence ratio stays
+    much closer to 1 than a token ratio.
+
+    Args:
+      logp, old_logp, adv_seq, mask: as :func:`holder_loss`.
+      clip_eps: left clip range (``1 - clip_eps``).
+      clip_eps_high: right clip range (``1 + clip_eps_high``); None makes the
+        clip symmetric.
+      denominator: as :func:`holder_loss` (exact micro-batching).
     """
-    return holder_loss(logp, old_logp, adv_seq, mask, p=0.0, clip_eps=clip_eps)
+    return holder_loss(
+        logp,
+        old_logp,
+        adv_seq,
+        mask,
+        p=0.0,
+        clip_eps=clip_eps,
+        clip_eps_high=clip_eps_high,
+        denominator=denominator,
+    )
 
 
 def holder_p_schedule(

@@ -16,6 +16,7 @@ from erpo_jax.losses._check import (
     KL_ESTIMATORS,
     check_bt,
     check_choice,
+    concrete_float,
     is_static_zero,
 )
 from erpo_jax.ops import masked_mean, masked_sum
@@ -151,9 +152,9 @@ def policy_token_loss(
     adv_tok: Float[ArrayLike, "B T"],
     mask: Bool[ArrayLike, "B T"],
     *,
-    clip_eps: float = 0.2,
-    clip_eps_high: float | None = None,
-    clip_c: float | None = None,
+    clip_eps: float | Array = 0.2,
+    clip_eps_high: float | Array | None = None,
+    clip_c: float | Array | None = None,
     ref_logp: Float[ArrayLike, "B T"] | None = None,
     kl_coef: float | Array = 0.0,
     kl_estimator: str = "k3",
@@ -171,6 +172,7 @@ def policy_token_loss(
     ``old_logp``, ``adv_tok`` and ``ref_logp`` are data (wrapped in
     ``stop_gradient``). Masked entries of every input are replaced before any
     arithmetic, so NaN or inf there changes neither the value nor the gradient.
+    Numeric hyperparameters may be traced scalars.
 
     Returns:
       ``(token_loss[B, T], aux)``: float32 per-token losses (0 where masked)
@@ -179,16 +181,22 @@ def policy_token_loss(
     fn = "policy_token_loss"
     check_bt(fn, logp=logp, old_logp=old_logp, adv_tok=adv_tok, mask=mask, ref_logp=ref_logp)
     check_choice(fn, "kl_estimator", kl_estimator, KL_ESTIMATORS)
-    eps_low = float(clip_eps)
-    eps_high = eps_low if clip_eps_high is None else float(clip_eps_high)
-    if not 0.0 < eps_low < 1.0:
+    # Every numeric hyperparameter may be traced (a schedule value under
+    # jit): range checks run only on values known at trace time, and the
+    # arithmetic below never converts one with float().
+    low = concrete_float(clip_eps)
+    if low is not None and not 0.0 < low < 1.0:
         raise ValueError(f"{fn}: clip_eps={clip_eps} must lie in (0, 1)")
-    if eps_high <= 0.0:
+    high = concrete_float(clip_eps_high)
+    if high is not None and high <= 0.0:
         raise ValueError(f"{fn}: clip_eps_high={clip_eps_high} must be positive")
-    if clip_c is not None and float(clip_c) <= 1.0:
+    c = concrete_float(clip_c)
+    if c is not None and c <= 1.0:
         raise ValueError(f"{fn}: clip_c={clip_c} must be > 1 (dual clip bound) or None")
     if ref_logp is None and not is_static_zero(kl_coef):
         raise ValueError(f"{fn}: kl_coef={kl_coef} needs `ref_logp`, which is None")
+    eps_low = jnp.asarray(clip_eps, jnp.float32)
+    eps_high = eps_low if clip_eps_high is None else jnp.asarray(clip_eps_high, jnp.float32)
 
     mask = jnp.asarray(mask, bool)
     sg = jax.lax.stop_gradient
@@ -203,7 +211,7 @@ def policy_token_loss(
     pg = jnp.maximum(pg_unclipped, pg_clipped)
     dual_active = jnp.zeros_like(mask)
     if clip_c is not None:
-        dual_bound = -float(clip_c) * adv
+        dual_bound = -jnp.asarray(clip_c, jnp.float32) * adv
         dual_active = (adv < 0) & (pg > dual_bound)
         pg = jnp.where(adv < 0, jnp.minimum(pg, dual_bound), pg)
 
@@ -242,9 +250,9 @@ def policy_loss(
     adv_tok: Float[ArrayLike, "B T"],
     mask: Bool[ArrayLike, "B T"],
     *,
-    clip_eps: float = 0.2,
-    clip_eps_high: float | None = None,
-    clip_c: float | None = None,
+    clip_eps: float | Array = 0.2,
+    clip_eps_high: float | Array | None = None,
+    clip_c: float | Array | None = None,
     agg: str = "token_mean",
     max_len: int | None = None,
     ref_logp: Float[ArrayLike, "B T"] | None = None,
@@ -266,6 +274,9 @@ def policy_loss(
       clip_eps_high: upper clip ``eps_high``; ``> clip_eps`` is DAPO's
         clip-higher.
       clip_c: dual-clip constant ``c > 1`` for negative advantages, or None.
+        ``clip_eps``, ``clip_eps_high``, ``clip_c`` and ``kl_coef`` may be
+        traced scalars (schedules inside ``jit``); only whether ``clip_c``
+        is None is a static choice. Range checks run on concrete values.
       agg: ``"token_mean"``, ``"seq_mean_token_mean"``,
         ``"seq_mean_token_sum"`` or ``"seq_mean_token_sum_norm"``.
       max_len: ``L`` for ``seq_mean_token_sum_norm`` (default ``T``).

@@ -16,6 +16,7 @@ from erpo_jax.typing import Array, ArrayLike, Bool, Float
 __all__ = [
     "inverse_spread",
     "masked_group_moments",
+    "masked_group_zscore",
     "masked_mean",
     "masked_quantile",
     "masked_sum",
@@ -70,20 +71,65 @@ def masked_group_moments(
 
     Returns:
       ``(mean[P], std[P], count[P])`` in float32; a group with no valid token
-      has mean 0 and std 0.
+      has mean 0 and std 0. Computed by the corrected two-pass algorithm
+      (:func:`_corrected_two_pass`), accurate to float32 rounding whatever
+      the offset of the values from zero.
     """
     x = jnp.asarray(x, jnp.float32)
     mask = jnp.asarray(mask, bool)
     b, t = x.shape
-    xg = x.reshape(b // group_size, group_size * t)
+    xg = jnp.where(mask, x, 0.0).reshape(b // group_size, group_size * t)
     mg = mask.reshape(b // group_size, group_size * t)
-    count = jnp.sum(mg, axis=-1, dtype=jnp.float32)
-    mean = masked_sum(xg, mg, axis=-1) / jnp.maximum(count, 1.0)
-    # Two-pass variance: subtracting the mean first keeps float32 accurate when
-    # the values sit far from zero (entropies around 5 nats, log-prob drifts).
-    centred = jnp.where(mg, xg - mean[:, None], 0.0)
-    var = jnp.sum(centred * centred, axis=-1) / jnp.maximum(count, 1.0)
-    return mean, jnp.sqrt(var), count
+    shift, corr, std, count = _corrected_two_pass(xg, mg)
+    return shift + corr, std, count
+
+
+def _corrected_two_pass(x: Array, mask: Array) -> tuple[Array, Array, Array, Array]:
+    """Corrected two-pass moments over the last axis: ``(shift, corr, std, count)``.
+
+    Pass one takes the plain mean ``shift``; pass two sums the deviations
+    ``d = x - shift`` and their squares, giving the correction
+    ``corr = sum(d) / n`` (the rounding error of ``shift``) and the population
+    variance ``sum(d^2) / n - corr^2`` (Chan, Golub and LeVeque's corrected
+    two-pass algorithm). Its relative error is ``O(n u)`` whatever the
+    offset of the values from zero, where the one-pass ``E[x^2] - E[x]^2``
+    loses ``offset^2 / var`` more. The mean is ``shift + corr``; a z-score
+    computed as ``((x - shift) - corr) / std`` keeps the digits that rounding
+    the mean to one float32 would drop (they matter when the spread is a few
+    ulps of the mean, e.g. near-constant entropies).
+    """
+    count = jnp.sum(mask, axis=-1, dtype=jnp.float32)
+    denom = jnp.maximum(count, 1.0)
+    shift = jnp.sum(jnp.where(mask, x, 0.0), axis=-1) / denom
+    d = jnp.where(mask, x - shift[..., None], 0.0)
+    corr = jnp.sum(d, axis=-1) / denom
+    var = jnp.sum(d * d, axis=-1) / denom - corr * corr
+    return shift, corr, jnp.sqrt(jnp.maximum(var, 0.0)), count
+
+
+def masked_group_zscore(
+    x: Float[ArrayLike, "B T"],
+    mask: Bool[ArrayLike, "B T"],
+    group_size: int,
+    *,
+    eps: float,
+) -> Float[Array, "B T"]:
+    """``(x - mean_group) / (std_group + eps)`` per token, 0 where masked or degenerate.
+
+    The statistics are :func:`masked_group_moments` (population std over the
+    valid tokens of each group of ``group_size`` prompt-major rows), computed
+    by the corrected two-pass algorithm; a degenerate group (see
+    :func:`inverse_spread`) gives exactly 0. Masked entries may hold anything.
+    """
+    x = jnp.asarray(x, jnp.float32)
+    mask = jnp.asarray(mask, bool)
+    b, t = x.shape
+    xg = jnp.where(mask, x, 0.0).reshape(b // group_size, group_size * t)
+    mg = mask.reshape(b // group_size, group_size * t)
+    shift, corr, std, count = _corrected_two_pass(xg, mg)
+    inv = inverse_spread(shift + corr, std, count, eps=eps)
+    z = ((xg - shift[:, None]) - corr[:, None]) * inv[:, None]
+    return jnp.where(mask, z.reshape(b, t), 0.0)
 
 
 def _sortable_key(x: Array) -> Array:
@@ -116,7 +162,7 @@ def _kth_smallest_key(key: Array, mask: Array, rank: Array) -> Array:
 
 
 def masked_quantile(
-    x: Float[ArrayLike, "..."], mask: Bool[ArrayLike, "..."], q: float
+    x: Float[ArrayLike, "..."], mask: Bool[ArrayLike, "..."], q: float | Float[ArrayLike, ""]
 ) -> Float[Array, ""]:
     """The ``q``-quantile of the selected entries of ``x`` (NumPy's "linear" rule).
 
@@ -162,8 +208,9 @@ def inverse_spread(
     count: Float[ArrayLike, "..."],
     *,
     eps: float,
+    floor: float | Float[ArrayLike, ""] = 0.0,
 ) -> Float[Array, "..."]:
-    """``1 / (std + eps)``, or exactly 0 where the statistics are degenerate.
+    """``1 / (max(std, floor) + eps)``, or exactly 0 where the statistics are degenerate.
 
     A set of one value, or of values equal to float32 resolution, has no
     spread: mathematically every z-score is 0. Computed in float32, the
@@ -174,11 +221,15 @@ def inverse_spread(
     ``std <= 1e-6 * |mean|`` the factor is 0, and z-scores are exactly 0, as
     in exact arithmetic. Computing the factor once per set (group, bucket)
     and multiplying per token is also cheaper than a per-token division.
+    ``floor`` (ERPO's ``progress_std_floor``, may be traced) bounds the
+    divisor from below; the degenerate test looks at ``std`` itself.
+    A non-finite ``std`` (values whose squares overflow float32) gives 0 too.
     """
     mean = jnp.asarray(mean, jnp.float32)
     std = jnp.asarray(std, jnp.float32)
     degenerate = (jnp.asarray(count) <= 1) | (std <= _DEGENERATE_REL_STD * jnp.abs(mean))
-    return jnp.where(degenerate, 0.0, 1.0 / (std + eps))
+    divisor = jnp.maximum(std, jnp.asarray(floor, jnp.float32)) + eps
+    return jnp.where(degenerate | ~jnp.isfinite(divisor), 0.0, 1.0 / divisor)
 
 
 def zscore(

@@ -39,6 +39,10 @@ def _cases(x):
             L.erpo_token_advantages, (x["rewards"], x["entropy"], x["mask"]),
             {"old_logp": x["old_logp"], "ref_logp": x["ref_logp"]},
         ),
+        "erpo_token_terms": (
+            L.erpo_token_terms, (x["rewards"], x["entropy"], x["mask"]),
+            {"old_logp": x["old_logp"], "ref_logp": x["ref_logp"], "logp": x["logp"]},
+        ),
         "erpo_loss": (L.erpo_loss, (*bt, x["rewards"], x["entropy"], x["mask"]), {"ref_logp": x["ref_logp"]}),
         "holder_loss": (L.holder_loss, (*bt, x["adv_seq"], x["mask"]), {"p": 0.5}),
         "gspo_loss": (L.gspo_loss, (*bt, x["adv_seq"], x["mask"]), {}),

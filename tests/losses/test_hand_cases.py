@@ -139,6 +139,25 @@ def test_holder_sequence_clip_by_hand():
     assert float(aux.clip_frac) == 1.0
 
 
+@pytest.mark.parametrize(
+    ("log_ratio", "adv", "expected"),
+    [
+        (1e-3, 1.0, -(1.0 + 4e-4)),  # rho = e^1e-3 > 1 + 4e-4: the right clip binds
+        (-1e-3, -1.0, 1.0 - 3e-4),  # rho < 1 - 3e-4 with A < 0: the left clip binds
+        (2e-4, 1.0, None),  # inside [1 - 3e-4, 1 + 4e-4]: -rho
+        (-1e-3, 1.0, None),  # A > 0 and rho low: the min keeps the unclipped -rho
+    ],
+)
+def test_gspo_default_clip_is_the_papers_asymmetric_range(log_ratio, adv, expected):
+    # GSPO (arXiv 2507.18071, section 5.1): left and right clip ranges 3e-4, 4e-4.
+    logp = np.full((1, 3), -1.0 + log_ratio, np.float32)
+    old = np.full((1, 3), -1.0, np.float32)
+    if expected is None:  # the unclipped sequence ratio, from the float32 log-ratio
+        expected = -math.exp(float(logp[0, 0]) - float(old[0, 0])) * adv
+    loss, _ = L.gspo_loss(logp, old, np.array([adv], np.float32), np.ones((1, 3), bool))
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+
+
 def test_high_entropy_mask_by_hand():
     entropy = np.arange(1, 11, dtype=np.float32).reshape(2, 5)
     mask = np.ones((2, 5), bool)

@@ -211,12 +211,19 @@ def test_traced_hyperparameters():
 
     sched = L.holder_p_schedule(100)
     assert float(sched(0)) == 2.0 and float(sched(100)) == -2.0 and float(sched(50)) == 0.0
-    for s in (0, 50, 75):
-        h, _ = step(sched(s), 0.1)
+    for s, kl_coef in ((0, 0.1), (50, 0.0), (75, 0.3)):
+        h, k = step(sched(s), kl_coef)
         want = L.holder_loss(x["logp"], x["old_logp"], x["adv_seq"], x["mask"], p=float(sched(s)))[
             0
         ]
         np.testing.assert_allclose(float(h), float(want), rtol=1e-5)
+        want_k = L.policy_loss(
+            x["logp"], x["old_logp"], x["adv_tok"], x["mask"], ref_logp=x["ref_logp"],
+            kl_coef=kl_coef,
+        )[0]  # fmt: skip
+        np.testing.assert_allclose(float(k), float(want_k), rtol=1e-5)
+    # The traced kl_coef really enters the loss.
+    assert abs(float(step(sched(0), 0.3)[1]) - float(step(sched(0), 0.0)[1])) > 1e-3
 
 
 _finite = st.floats(-30.0, 30.0, allow_nan=False, width=32)

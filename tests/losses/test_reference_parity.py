@@ -119,6 +119,10 @@ def test_erpo_token_advantages_and_loss(shape, kind):
             ("none", 0.2, 4, 5.0, 0.1),
             ("none", 0.0, 10, 5.0, 0.1),
         ]
+    ] + [
+        {"psi_gate": False},
+        {"progress_std_floor": 0.03, "num_buckets": 3},
+        {"progress_source": "current", "gate_mode": "amplify"},
     ]
     for kw in settings:
         for normalize_std in (True, False):
@@ -129,6 +133,7 @@ def test_erpo_token_advantages_and_loss(shape, kind):
                 x["mask"],
                 old_logp=x["old_logp"],
                 ref_logp=x["ref_logp"],
+                logp=x["logp"],
                 **kw,
             )
             want = ref.ref_erpo_token_advantages(
@@ -137,6 +142,7 @@ def test_erpo_token_advantages_and_loss(shape, kind):
                 x["mask"],
                 old_logp=x["old_logp"],
                 ref_logp=x["ref_logp"],
+                logp=x["logp"],
                 **kw,
             )
             _close(got, want, 1e-4)
@@ -150,6 +156,81 @@ def test_erpo_token_advantages_and_loss(shape, kind):
             ref_logp=x["ref_logp"], agg=agg, **pkw,
         )  # fmt: skip
         _close(got, want, 1e-4)
+
+
+# Ill-conditioned ERPO inputs (issue 8): each kind stresses one numerical rule
+# of METHOD.md section 2. Progress values are built so that old_logp - ref_logp
+# is exact in float32 (the two sit in one binade), so the reference and the
+# code see the same drift and the comparison measures the statistics alone.
+ILL_KINDS = ("tight_buckets", "gate_underflow", "extreme", "near_constant")
+
+
+def make_ill_batch(seed, p, g, t, mask_kind, ill):
+    """A ``make_batch`` batch made ill-conditioned, and the ERPO keywords it needs."""
+    x = make_batch(seed, p, g, t, mask_kind, nan_pad=True)
+    rng = np.random.default_rng(seed + 1000)
+    m = x["mask"]
+    b = p * g
+    kw = {}
+    if ill == "tight_buckets":
+        # Odd buckets hold drifts 14 +- 1e-2, even ones 0 +- 1: tight sets far
+        # from the group mean. ref = -4 and old = ref + d in [8, 16): exact.
+        pos = np.cumsum(m, axis=1) - 1
+        k = (10 * pos) // np.maximum(m.sum(axis=1, keepdims=True), 1)
+        d = np.where(k % 2 == 1, 14.0 + 1e-2 * rng.normal(size=(b, t)), rng.normal(size=(b, t)))
+        ref_logp = np.full((b, t), -4.0)
+        x["ref_logp"] = np.where(m, ref_logp, x["ref_logp"]).astype(np.float32)
+        x["old_logp"] = np.where(m, ref_logp + d, x["old_logp"]).astype(np.float32)
+        kw = {"beta": 1.0}
+    elif ill == "gate_underflow":
+        # Near-constant entropies with a 0-nat first token in every third row:
+        # at gamma = 100 those gates underflow (and whole short rows do).
+        h = 3.0 + 0.05 * rng.normal(size=(b, t))
+        first = np.argmax(m, axis=1)
+        for row in range(0, b, 3):
+            h[row, first[row]] = 0.0
+        x["entropy"] = np.where(m, h, x["entropy"]).astype(np.float32)
+        kw = {"gamma": 100.0}
+    elif ill == "extreme":
+        valid = np.argwhere(m)
+        picks = valid[rng.permutation(len(valid))[:4]]
+        values = [
+            ("ref_logp", -np.inf),
+            ("old_logp", 1e30),
+            ("entropy", np.inf),
+            ("ref_logp", 1e30),
+        ]
+        for (row, col), (name, value) in zip(picks, values, strict=False):
+            x[name][row, col] = value
+    else:  # near_constant: entropy 2.5 +- 1e-5 (~40 ulps), drift 0.3 +- 1e-5 (exact)
+        x["entropy"] = np.where(m, 2.5 + 1e-5 * rng.normal(size=(b, t)), x["entropy"]).astype(
+            np.float32
+        )
+        x["ref_logp"] = np.where(m, -1.0, x["ref_logp"]).astype(np.float32)
+        d = 0.3 + 1e-5 * rng.normal(size=(b, t))
+        x["old_logp"] = np.where(m, -1.0 + d, x["old_logp"]).astype(np.float32)
+        kw = {"beta": 1.0}
+    return x, kw
+
+
+@pytest.mark.parametrize("ill", ILL_KINDS)
+@pytest.mark.parametrize(("shape", "kind"), GRID[len(MASK_KINDS) :])  # T >= 5
+def test_erpo_on_ill_conditioned_inputs(shape, kind, ill):
+    p, g, t = shape
+    x, kw = make_ill_batch(18, p, g, t, kind, ill)
+    args = (x["rewards"], x["entropy"], x["mask"])
+    logps = {"old_logp": x["old_logp"], "ref_logp": x["ref_logp"]}
+    for extra in ({}, {"gate_mode": "amplify", "psi_gate": False, "num_buckets": 3}):
+        got = L.erpo_token_terms(*args, **logps, **kw, **extra)
+        want = ref.ref_erpo_token_terms(*args, **logps, **kw, **extra)
+        for field in L.ErpoTerms._fields:
+            value = np.asarray(getattr(got, field))
+            assert np.all(np.isfinite(value)), field
+            _close(value, want[field], 1e-4)
+    got, aux = L.erpo_loss(x["logp"], x["old_logp"], *args, ref_logp=x["ref_logp"], **kw)
+    want = ref.ref_erpo_loss(x["logp"], x["old_logp"], *args, ref_logp=x["ref_logp"], **kw)
+    _close(got, want, 1e-4)
+    assert all(np.isfinite(float(a)) for a in aux)
 
 
 @pytest.mark.parametrize(("shape", "kind"), GRID)
@@ -166,11 +247,16 @@ def test_holder_loss(shape, kind):
             x["logp"], x["old_logp"], x["adv_seq"], x["mask"], pw, clip_eps=eps, clip_level=level
         )
         _close(got, want, 1e-4)
-    got, _ = L.gspo_loss(x["logp"], x["old_logp"], x["adv_seq"], x["mask"], clip_eps=0.01)
-    want = ref.ref_holder_loss(
-        x["logp"], x["old_logp"], x["adv_seq"], x["mask"], 0.0, clip_eps=0.01
-    )
-    _close(got, want, 1e-4)
+    for pw, level in itertools.product((1.5, 0.0, -1.0), L.CLIP_LEVELS):
+        kw = {"clip_eps": 0.1, "clip_eps_high": 0.25, "clip_level": level, "denominator": 7.0}
+        got, _ = L.holder_loss(x["logp"], x["old_logp"], x["adv_seq"], x["mask"], p=pw, **kw)
+        want = ref.ref_holder_loss(x["logp"], x["old_logp"], x["adv_seq"], x["mask"], pw, **kw)
+        _close(got, want, 1e-4)
+    for kw in ({"clip_eps": 0.01}, {"clip_eps": 0.01, "clip_eps_high": 0.03}, {}):
+        got, _ = L.gspo_loss(x["logp"], x["old_logp"], x["adv_seq"], x["mask"], **kw)
+        kw = {"clip_eps": 3e-4, "clip_eps_high": 4e-4, **kw}  # GSPO's defaults
+        want = ref.ref_holder_loss(x["logp"], x["old_logp"], x["adv_seq"], x["mask"], 0.0, **kw)
+        _close(got, want, 1e-4)
 
 
 @pytest.mark.parametrize(("shape", "kind"), GRID)
