@@ -27,11 +27,15 @@ def measure(args: Any, loss_name: str, common: dict[str, Any]) -> dict[str, Any]
     from erpo_jax.sampling import sample
     from erpo_jax.train import (
         LossConfig,
+        MeshConfig,
         OptimizerConfig,
         make_loss_fn,
+        make_mesh,
         make_optimizer,
         make_score_fn,
         make_update_fn,
+        place_params,
+        place_state,
         split_policy,
     )
 
@@ -40,6 +44,9 @@ def measure(args: Any, loss_name: str, common: dict[str, Any]) -> dict[str, Any]
     b = p * g
     cfg = LossConfig(name=loss_name, kl_coef=0.0)
     graphdef, trainable, frozen = split_policy(model, lora=False)
+    # Placed as the trainer places them (one device here): one compilation.
+    mesh = make_mesh(MeshConfig())
+    trainable, frozen = place_params(trainable, mesh), place_params(frozen, mesh)
     ref = jax.tree.map(jnp.copy, trainable) if cfg.needs_reference else None
     steps = args.warmup + args.steps
     tx, schedule = make_optimizer(OptimizerConfig(learning_rate=1e-6), steps, trainable)
@@ -49,6 +56,7 @@ def measure(args: Any, loss_name: str, common: dict[str, Any]) -> dict[str, Any]
                             temperature=1.0, arca=False, **chunk)  # fmt: skip
     score = make_score_fn(graphdef, temperature=1.0, **chunk)
     state = {"params": trainable, "opt_state": tx.init(trainable), "step": jnp.int32(0)}
+    state = place_state(state, mesh)
     rng = np.random.default_rng(0)
     vocab = model.config.vocab_size
     rows: list[dict[str, float]] = []

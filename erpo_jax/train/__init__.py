@@ -36,7 +36,14 @@ from erpo_jax.train._config import (
 from erpo_jax.train._data import PromptStream, load_prompt_source
 from erpo_jax.train._loop import TIMING_KEYS, train
 from erpo_jax.train._losses import DEFAULT_AGG, loss_agg, loss_denominator, make_loss_fn
-from erpo_jax.train._mesh import AXES, batch_sharding, global_batch, make_mesh, place_params
+from erpo_jax.train._mesh import (
+    AXES,
+    batch_sharding,
+    global_batch,
+    make_mesh,
+    place_params,
+    place_state,
+)
 from erpo_jax.train._metrics import MetricsWriter, read_metrics
 from erpo_jax.train._step import (
     make_optimizer,
@@ -83,6 +90,7 @@ __all__ = [
     "make_score_fn",
     "make_update_fn",
     "place_params",
+    "place_state",
     "read_metrics",
     "split_policy",
     "toy_base_model_dir",

@@ -31,7 +31,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from erpo_jax.train._config import (
     ConfigError,
@@ -511,6 +510,7 @@ def train(
     from tqdm.auto import tqdm
 
     from erpo_jax.train._checkpoint import RunCheckpointer
+    from erpo_jax.train._mesh import place_state
     from erpo_jax.train._metrics import MetricsWriter
 
     cfg = config
@@ -560,13 +560,8 @@ def train(
         "step": jnp.zeros((), jnp.int32),
     }
     # Scalars (the step, optimizer counts) replicated on the mesh from the
-    # start, as the update returns them: the first and later calls then see
-    # the same input shardings and share one compilation.
-    replicated = NamedSharding(run.mesh, PartitionSpec())
-    state = jax.tree.map(
-        lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated),
-        state,
-    )
+    # start, as the update returns them: one compilation of the update.
+    state = place_state(state, run.mesh)
     evals: dict[str, Any] = {}
     if resume:
         state, meta = checkpointer.restore(start_step, state)

@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from erpo_jax.models import param_partition_spec
 from erpo_jax.train._config import ConfigError, MeshConfig
 
-__all__ = ["AXES", "batch_sharding", "global_batch", "make_mesh", "place_params"]
+__all__ = ["AXES", "batch_sharding", "global_batch", "make_mesh", "place_params", "place_state"]
 
 AXES: tuple[str, str, str] = ("data", "fsdp", "tensor")
 
@@ -52,6 +52,21 @@ def param_sharding(tree: Any, mesh: Mesh) -> Any:
 def place_params(tree: Any, mesh: Mesh) -> Any:
     """``tree`` placed on ``mesh`` by the parameter rules."""
     return jax.device_put(tree, param_sharding(tree, mesh))
+
+
+def place_state(state: Any, mesh: Mesh) -> Any:
+    """A train state on ``mesh``: placed leaves kept, the rest (step and
+    optimizer counters) replicated, so every update call sees the same input
+    shardings and the step compiles once."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(
+        lambda x: (
+            x
+            if isinstance(getattr(x, "sharding", None), NamedSharding)
+            else jax.device_put(x, replicated)
+        ),
+        state,
+    )
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
