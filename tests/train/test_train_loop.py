@@ -119,6 +119,12 @@ def test_train_writes_outputs_and_metrics(checkpoint, tmp_path):
         assert 0.0 <= r["reward_mean"] <= 1.0 and r["response_length_max"] <= 10
         assert r["learning_rate"] == pytest.approx(1e-2)
     # Recomputed old_logp at step 0 equals the reference forward: ERPO's progress is 0.
+    # old_logp is recomputed by the same compiled forward as ref_logp, and the
+    # policy equals the reference at step 0: ERPO's progress signal is exactly 0.
+    assert records[0]["progress_abs_mean"] == 0.0
+    # After step 0 the policy has moved from the reference only if step 0 had
+    # a gradient (a random policy often scores 0 everywhere: no signal).
+    assert (records[1]["progress_abs_mean"] > 0.0) == (records[0]["grad_norm"] > 0.0)
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [2, 3]
