@@ -6,12 +6,18 @@ the ones measured, with the machine.
 
     python benchmarks/losses.py                       # B in {64, 256}, T in {512, 2048}
     python benchmarks/losses.py --batch 64 --length 512 --repeats 5
+    PYTHONPATH=/tmp/erpo_old python benchmarks/losses.py   # another checkout's erpo_jax
+
+The last form times an older commit (``git worktree add /tmp/erpo_old
+<commit>``) with this script; every JSON line records which ``erpo_jax`` was
+imported (``erpo_jax`` field). Cases the older code lacks are skipped.
 
 Cases: ``grpo`` / ``erpo`` are the end-to-end ``grpo_loss`` / ``erpo_loss``
 under ``value_and_grad`` (advantages computed inside); ``+aux`` also returns
 the diagnostics; ``erpo_advantages_once`` + ``erpo_policy_step`` is how the
 train step runs ERPO (advantages once per batch, then the differentiated
-policy loss on them).
+policy loss on them); ``erpo_terms_once`` returns every per-token term
+(``erpo_token_terms``) instead of the advantage alone.
 
 ERPO here runs everything the paper's method needs inside the step: the
 entropy gate, the bucket normalization of the progress signal (eta > 0, so
@@ -81,6 +87,13 @@ def _steps(agg: str):
 
     steps["erpo_advantages_once"] = jax.jit(erpo_advantages)
     steps["erpo_policy_step"] = jax.jit(jax.value_and_grad(erpo_policy))
+    if hasattr(L, "erpo_token_terms"):  # absent before issue 8
+
+        def erpo_terms(_, x):
+            return L.erpo_token_terms(x["rewards"], x["entropy"], x["mask"],
+                                      old_logp=x["old_logp"], ref_logp=x["ref_logp"])  # fmt: skip
+
+        steps["erpo_terms_once"] = jax.jit(erpo_terms)
     return steps
 
 
@@ -111,6 +124,7 @@ def main() -> None:
         "cpu_count": os.cpu_count(),
         "processor": platform.processor() or platform.machine(),
         "jax": jax.__version__,
+        "erpo_jax": os.path.dirname(os.path.dirname(os.path.abspath(L.__file__))),
     }
     steps = _steps(args.agg)
     for b in args.batch:

@@ -381,7 +381,9 @@ def bucket_normalize(
     the group's mean.
 
     Args:
-      signal: ``[B, T]`` per-token signal (typically :func:`progress_signal`).
+      signal: ``[B, T]`` per-token signal (typically :func:`progress_signal`,
+        which is finite on valid tokens; a non-finite value here would make
+        its own (prompt, bucket) set NaN, and no other set).
       mask: ``[B, T]`` valid tokens.
       group_size: ``G``.
       num_buckets: ``K``.
