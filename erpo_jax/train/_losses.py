@@ -171,7 +171,12 @@ def make_loss_fn(cfg: LossConfig, *, max_len: int, total_steps: int) -> Callable
                 )
             else:
                 loss, aux = L.gspo_loss(
-                    logp, batch["old_logp"], adv, batch["mask"], clip_eps=cfg.gspo_clip_low
+                    logp,
+                    batch["old_logp"],
+                    adv,
+                    batch["mask"],
+                    clip_eps=cfg.gspo_clip_low,
+                    clip_eps_high=cfg.gspo_clip_high,
                 )
             # Sequence losses average rows with 1/B: rescaling by this
             # micro-batch's share of the rows makes the micro-batch losses sum
