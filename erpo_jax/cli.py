@@ -169,15 +169,12 @@ def _eval_problems(args: argparse.Namespace, level: str) -> tuple[list[Any], dic
 def _eval_checkpoint(args: argparse.Namespace) -> Path:
     """The checkpoint directory: --checkpoint, or the toy base model (built on first use)."""
     if args.checkpoint is not None:
-        path = Path(args.checkpoint)
-        if not path.is_dir():
-            raise _UsageError(f"--checkpoint {args.checkpoint!r} is not a directory")
-        if not (path / "config.json").is_file():
-            raise _UsageError(
-                f"--checkpoint {args.checkpoint!r} has no config.json (a Hugging Face "
-                "checkpoint directory holds config.json, model.safetensors and tokenizer files)"
-            )
-        return path
+        from erpo_jax.models import checkpoint_dir
+
+        try:
+            return checkpoint_dir(args.checkpoint, label="--checkpoint")
+        except FileNotFoundError as err:
+            raise _UsageError(str(err)) from None
     if args.task != "countdown":
         raise _UsageError(
             "--checkpoint is required for --task math (the default is the toy Countdown model)"

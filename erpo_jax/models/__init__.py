@@ -9,6 +9,7 @@ One :class:`Decoder` covers all families; they differ by
 """
 
 from erpo_jax.models.checkpoint import (
+    checkpoint_dir,
     load_hf_checkpoint,
     load_tokenizer,
     param_partition_spec,
@@ -31,6 +32,7 @@ __all__ = [
     "ModelConfig",
     "RopeScaling",
     "add_lora",
+    "checkpoint_dir",
     "completion_hidden_states",
     "init_kv_cache",
     "load_hf_checkpoint",

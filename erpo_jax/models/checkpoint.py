@@ -18,6 +18,7 @@ import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -312,6 +313,24 @@ def save_hf_checkpoint(
     hf["dtype"] = jnp.dtype(model.param_dtype).name
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(hf, f, indent=2)
+
+
+def checkpoint_dir(path: str | os.PathLike, *, label: str) -> Path:
+    """``path`` as a Hugging Face checkpoint directory, checked before anything loads.
+
+    Raises:
+      FileNotFoundError: ``path`` is not a directory or has no ``config.json``;
+        the message starts with ``label`` (the flag or config key that gave it).
+    """
+    directory = Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{label} {os.fspath(path)!r} is not a directory")
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{label} {os.fspath(path)!r} has no config.json (a Hugging Face checkpoint "
+            "directory holds config.json, model.safetensors and tokenizer files)"
+        )
+    return directory
 
 
 def load_tokenizer(path: str | os.PathLike):

@@ -495,8 +495,6 @@ class RunConfig:
                 f"must divide the {groups // train.mini_batches} groups of a mini-batch "
                 "(micro-batches hold whole groups, which ERPO's statistics need)",
             )
-        if loss.progress_source == "current" and loss.name == "erpo" and train.num_iterations > 1:
-            pass  # allowed: progress recomputed from the detached current logp each update
 
 
 # ------------------------------------------------------------------ loading

@@ -104,15 +104,9 @@ def _resolve_checkpoint(cfg: RunConfig, log: Callable[[str], None]) -> Path:
         from erpo_jax.train._toy_model import build_toy_base_model
 
         return Path(build_toy_base_model(cfg.model.toy_data_dir, seed=0, log=log))
-    path = Path(cfg.model.checkpoint)
-    if not path.is_dir():
-        raise FileNotFoundError(f"model.checkpoint={cfg.model.checkpoint!r} is not a directory")
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"model.checkpoint={cfg.model.checkpoint!r} has no config.json (a Hugging Face "
-            "checkpoint directory holds config.json, *.safetensors and tokenizer files)"
-        )
-    return path
+    from erpo_jax.models import checkpoint_dir
+
+    return checkpoint_dir(cfg.model.checkpoint, label="model.checkpoint")
 
 
 def _eval_problems(cfg: RunConfig) -> list[Any]:
