@@ -238,7 +238,9 @@ def _run_eval(args: argparse.Namespace) -> int:
     from erpo_jax.rollout import evaluate
 
     try:
-        model, config = load_hf_checkpoint(checkpoint)
+        model, config = load_hf_checkpoint(
+            checkpoint, dtype=args.dtype, attention_impl=args.attention_impl
+        )
     except (FileNotFoundError, KeyError, ValueError, OSError) as err:
         raise _UsageError(f"--checkpoint {str(checkpoint)!r}: {err}") from None
     try:
@@ -376,6 +378,16 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         choices=("auto", "chat", "qwen_math", "plain"),
         help="math prompt template (auto: the tokenizer's chat template if any)",
+    )
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        help="compute and parameter dtype: float32, bfloat16 or float16 (sampling runs in it)",
+    )
+    p.add_argument(
+        "--attention-impl",
+        default="auto",
+        help="attention: auto, xla, chunked (memory linear in length) or cudnn (GPU)",
     )
     p.add_argument("--think", action="store_true", help="open a <think> block in math prompts")
     p.add_argument("--no-greedy", action="store_true", help="skip the greedy completions")

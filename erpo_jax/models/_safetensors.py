@@ -64,6 +64,10 @@ class SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._header[name]["shape"])
 
+    def dtype_name(self, name: str) -> str:
+        """The safetensors dtype code of ``name`` (``"BF16"``, ``"F32"``, ``"F8_E4M3"``, ...)."""
+        return str(self._header[name]["dtype"])
+
     def tensor(self, name: str) -> np.ndarray:
         info = self._header[name]
         if info["dtype"] not in _DTYPES:

@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from erpo_jax.models._safetensors import SafetensorsFile, write_safetensors
 from erpo_jax.models.config import ModelConfig
-from erpo_jax.models.decoder import Decoder, layer_param_shapes
+from erpo_jax.models.decoder import Decoder, check_dtype, layer_param_shapes
 from erpo_jax.models.lora import merged_layer_arrays
 
 __all__ = ["load_hf_checkpoint", "load_tokenizer", "param_partition_spec", "save_hf_checkpoint"]
@@ -131,6 +131,9 @@ def _open_weights(directory: str) -> dict[str, SafetensorsFile]:
     raise FileNotFoundError(f"no {_SINGLE} or {_INDEX} in checkpoint directory {directory!r}")
 
 
+_FLOAT_CODES = ("F32", "BF16", "F16", "F64")
+
+
 def _check(spec: _Tensor, weights: dict[str, SafetensorsFile], directory: str) -> None:
     expected = spec.hf_shape()
     for hf_name in spec.hf_names:
@@ -143,6 +146,13 @@ def _check(spec: _Tensor, weights: dict[str, SafetensorsFile], directory: str) -
             raise KeyError(
                 f"tensor {hf_name!r} is listed in {_INDEX} but missing from "
                 f"{os.path.basename(weights[hf_name].path)!r}"
+            )
+        code = weights[hf_name].dtype_name(hf_name)
+        if code not in _FLOAT_CODES:
+            raise ValueError(
+                f"tensor {hf_name!r} in {os.path.basename(weights[hf_name].path)!r} has dtype "
+                f"{code}; only unquantized float weights load ({', '.join(_FLOAT_CODES)}): "
+                "dequantize int8/float8 checkpoints first"
             )
         got = weights[hf_name].shape(hf_name)
         if got != expected:
@@ -179,6 +189,8 @@ def load_hf_checkpoint(
     mesh: Mesh | None = None,
     scan_layers: bool = False,
     remat: bool = False,
+    attention_impl: str = "auto",
+    attention_block: int = 512,
 ) -> tuple[Decoder, ModelConfig]:
     """Loads a Hugging Face Llama 3 / Qwen2 / Qwen3 checkpoint directory.
 
@@ -191,7 +203,8 @@ def load_hf_checkpoint(
       mesh: optional ``jax.sharding.Mesh``; parameters are placed with
         :func:`param_partition_spec` and each device reads only its shard.
         Without it, parameters go to the default device.
-      scan_layers, remat: passed to :class:`Decoder`.
+      scan_layers, remat, attention_impl, attention_block: passed to
+        :class:`Decoder`.
 
     Returns:
       ``(model, config)``.
@@ -199,14 +212,16 @@ def load_hf_checkpoint(
     Raises:
       FileNotFoundError: missing directory, ``config.json``, weights file or shard.
       KeyError: a tensor the config needs is absent (named, with its expected shape).
-      ValueError: unsupported config, or a tensor whose shape disagrees with
-        the config (both shapes named).
+      ValueError: unsupported config or dtype (only float32, bfloat16 and
+        float16 compute; quantized tensors are refused), or a tensor whose
+        shape disagrees with the config (both shapes named).
     """
     directory = os.fspath(path)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"checkpoint directory {directory!r} does not exist")
+    dtype = check_dtype(dtype, "dtype")
+    param_dtype = check_dtype(dtype if param_dtype is None else param_dtype, "param_dtype")
     config = ModelConfig.from_hf(directory)
-    param_dtype = jnp.dtype(dtype if param_dtype is None else param_dtype)
     weights = _open_weights(directory)
     specs = _tensors(config)
     for spec in specs:
@@ -219,6 +234,8 @@ def load_hf_checkpoint(
             param_dtype=param_dtype,
             scan_layers=scan_layers,
             remat=remat,
+            attention_impl=attention_impl,
+            attention_block=attention_block,
             rngs=nnx.Rngs(0),
         )
     )
@@ -333,6 +350,9 @@ def checkpoint_dir(path: str | os.PathLike, *, label: str) -> Path:
     return directory
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
 def load_tokenizer(path: str | os.PathLike):
     """``transformers.AutoTokenizer`` from a local checkpoint directory (no download).
 
@@ -346,10 +366,20 @@ def load_tokenizer(path: str | os.PathLike):
     directory = os.fspath(path)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"load_tokenizer: {directory!r} is not a directory")
+    # Without a vocabulary file AutoTokenizer can still build a tokenizer from
+    # tokenizer_config.json alone: an empty one that encodes nothing.
+    if not any(os.path.isfile(os.path.join(directory, f)) for f in _TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"load_tokenizer: {directory!r} has no tokenizer files (one of "
+            f"{', '.join(_TOKENIZER_FILES)}); copy them from the model's Hugging Face repository"
+        )
     try:
-        return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     except (OSError, ValueError) as err:
         raise FileNotFoundError(
             f"load_tokenizer: no usable tokenizer in {directory!r} (expected tokenizer.json "
             f"and tokenizer_config.json, as Hugging Face checkpoints ship them): {err}"
         ) from err
+    if len(tokenizer) == 0:
+        raise FileNotFoundError(f"load_tokenizer: the tokenizer in {directory!r} is empty")
+    return tokenizer

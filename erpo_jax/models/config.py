@@ -180,7 +180,8 @@ class ModelConfig:
 
         Raises:
           FileNotFoundError: the directory has no ``config.json``.
-          ValueError: unsupported ``model_type``, rope scaling type, activation
+          ValueError: invalid JSON, or a required key missing (the file and
+            the key named); unsupported ``model_type``, rope scaling type, activation
             or sliding-window attention, each named in the message.
         """
         hf = _read_hf_dict(source)
@@ -303,26 +304,48 @@ class ModelConfig:
         return dataclasses.replace(PRESETS[name], **overrides)
 
 
-def _read_hf_dict(source: Any) -> dict[str, Any]:
+class _HFDict(dict):
+    """A parsed ``config.json`` whose missing required keys are named errors, not ``KeyError``."""
+
+    where: str = "config.json"
+
+    def __missing__(self, key: str) -> Any:
+        raise ValueError(
+            f"{self.where} is missing the key {key!r}, which a "
+            f"{self.get('model_type', 'decoder')} config needs"
+        )
+
+
+def _read_hf_dict(source: Any) -> _HFDict:
     if isinstance(source, Mapping):
-        return dict(source)
-    if hasattr(source, "to_dict") and not isinstance(source, (str, os.PathLike)):
-        return source.to_dict()
-    path = os.fspath(source)
-    if os.path.isdir(path):
-        path = os.path.join(path, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no config.json at {path!r}")
-    with open(path) as f:
-        return json.load(f)
+        out = _HFDict(source)
+    elif hasattr(source, "to_dict") and not isinstance(source, (str, os.PathLike)):
+        out = _HFDict(source.to_dict())
+    else:
+        path = os.fspath(source)
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no config.json at {path!r}")
+        with open(path) as f:
+            try:
+                parsed = json.load(f)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path} is not valid JSON: {err}") from None
+        if not isinstance(parsed, dict):
+            raise ValueError(f"{path} must hold a JSON object, got {type(parsed).__name__}")
+        out = _HFDict(parsed)
+        out.where = path
+    return out
 
 
 def _parse_rope(hf: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
     """(rope_theta, scaling) from either HF layout."""
-    params = dict(hf.get("rope_parameters") or {})
+    params = _HFDict(hf.get("rope_parameters") or {})
     legacy = hf.get("rope_scaling")
     if legacy:
-        params = {**dict(legacy), **params}
+        params = _HFDict({**dict(legacy), **params})
+    params.where = f"{getattr(hf, 'where', 'config.json')} (rope scaling)"
     theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:

@@ -31,17 +31,40 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Shaped
 
+from erpo_jax.models.attention import ATTENTION_IMPLS, attention
 from erpo_jax.models.config import ModelConfig
 from erpo_jax.models.kv_cache import KVCache, init_kv_cache
 from erpo_jax.typing import Array, Float, Int
 
 __all__ = [
+    "COMPUTE_DTYPES",
     "Decoder",
     "DecoderLayers",
+    "check_dtype",
     "layer_param_shapes",
     "positions_from_mask",
     "rope_inv_freq",
 ]
+
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+"""The dtypes a :class:`Decoder` computes and stores parameters in."""
+
+
+def check_dtype(dtype: Any, name: str = "dtype") -> np.dtype:
+    """``jnp.dtype(dtype)`` if in :data:`COMPUTE_DTYPES`, else a ``ValueError`` naming ``name``."""
+    try:
+        resolved = jnp.dtype(dtype)
+    except TypeError as e:
+        raise ValueError(
+            f"{name}={dtype!r} is not a dtype; use one of {', '.join(COMPUTE_DTYPES)}"
+        ) from e
+    if resolved.name not in COMPUTE_DTYPES:
+        raise ValueError(
+            f"{name}={resolved.name} is not supported; use one of {', '.join(COMPUTE_DTYPES)}"
+            " (quantized and float8 weights are not supported)"
+        )
+    return resolved
+
 
 _LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -111,6 +134,23 @@ def positions_from_mask(mask: Shaped[Array, "B S"]) -> Int[Array, "B S"]:
     return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+def _check_ids(tokens, vocab_size: int) -> None:
+    """Out-of-vocabulary ids embed as NaN under ``jnp.take``: refuse them when they are concrete.
+
+    Under ``jit`` the ids are traced and cannot be checked here; the sampler
+    and trainer validate their inputs on the host before they are traced.
+    """
+    if isinstance(tokens, jax.core.Tracer):
+        return
+    ids = np.asarray(tokens)
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        bad = np.unique(ids[(ids < 0) | (ids >= vocab_size)])[:5].tolist()
+        raise ValueError(
+            f"Decoder: token ids must lie in [0, vocab_size={vocab_size}), got {bad} "
+            "(padding positions too need an in-vocabulary id such as the pad id)"
+        )
+
+
 def _rms_norm(x, weight, eps, dtype):
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
@@ -135,43 +175,13 @@ def _linear(x, p, name, *, dtype, use_lora, lora_scale):
     return y
 
 
-def _attention(q, k, v, allowed):
-    """Grouped-query softmax attention with float32 scores.
-
-    Args:
-      q: ``[B, S, N, H]`` queries (N query heads).
-      k, v: ``[B, K, C, H]`` keys and values, heads before slots (the KV
-        cache layout; K divides N).
-      allowed: ``[B, S, C]`` bool, which keys each query may attend to. A query
-        with no allowed key (padding) attends uniformly; its output is
-        meaningless but finite.
-
-    Returns:
-      ``[B, S, N * H]``.
-    """
-    b, s, n, h = q.shape
-    kh, c = k.shape[1], k.shape[2]
-    g = n // kh
-    # Batched [batch, kv-head] matmuls against k and v as stored: no transpose
-    # of the keys or values, which for a KV cache would copy the whole cache
-    # at every decode step. The g query heads sharing a key head are stacked
-    # into the rows.
-    q = q.reshape(b, s, kh, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * s, h)
-    scores = jnp.einsum("bkqh,bkch->bkqc", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (1.0 / math.sqrt(h))
-    allowed = jnp.broadcast_to(allowed[:, None, None], (b, 1, g, s, c)).reshape(b, 1, g * s, c)
-    scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkqc,bkch->bkqh", probs, v)  # [b, kh, g * s, h]
-    return out.reshape(b, kh, g, s, h).transpose(0, 3, 1, 2, 4).reshape(b, s, n * h)
-
-
-def _block(p, x, cos, sin, allowed, kv, *, config, dtype, use_lora, lora_scale):
+def _block(p, x, cos, sin, visible, kv, *, config, dtype, use_lora, lora_scale, attend):
     """One decoder block on ``x [B, S, D]``.
 
-    ``kv`` is ``None`` (attend within ``x``) or ``(write, read)``: ``write(k, v)``
-    stores this block's new keys/values in the cache and returns the layer's
-    full ``(k, v)`` to attend to.
+    ``visible`` is ``(q_slots [S], kv_mask [B, C])`` (see
+    :mod:`erpo_jax.models.attention`). ``kv`` is ``None`` (attend within
+    ``x``) or a function ``kv(k, v)`` that stores this block's new keys and
+    values in the cache and returns the ``(k, v)`` to attend to.
     """
     b, s, _ = x.shape
     hd = config.head_dim
@@ -188,7 +198,7 @@ def _block(p, x, cos, sin, allowed, kv, *, config, dtype, use_lora, lora_scale):
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, H]
     if kv is not None:
         k, v = kv(k, v)
-    x = x + lin(_attention(q, k, v, allowed), name="o_proj")
+    x = x + lin(attend(q, k, v, *visible), name="o_proj")
 
     h = _rms_norm(x, p["mlp_norm"], config.rms_norm_eps, dtype)
     gate = lin(h, name="gate_proj")
@@ -239,6 +249,11 @@ class Decoder(nnx.Module):
         unroll, since the KV cache is per layer.
       remat: recompute each block's activations in the backward pass
         (``jax.checkpoint``), trading compute for memory.
+      attention_impl: one of ``erpo_jax.models.attention.ATTENTION_IMPLS``:
+        ``"xla"`` (all scores at once), ``"chunked"`` (blockwise online
+        softmax, ``O(S * attention_block)`` memory forward and backward),
+        ``"cudnn"`` (GPU) or ``"auto"`` (picks by backend and length).
+      attention_block: keys per block of the chunked implementation.
       rngs: initialization randomness (weights ~ N(0, 0.02), norms 1, biases 0).
 
     Use ``model(tokens, mask)`` for logits, :meth:`hidden_states` plus
@@ -255,13 +270,23 @@ class Decoder(nnx.Module):
         param_dtype: Any = jnp.float32,
         scan_layers: bool = False,
         remat: bool = False,
+        attention_impl: str = "auto",
+        attention_block: int = 512,
         rngs: nnx.Rngs,
     ):
+        if attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(
+                f"attention_impl={attention_impl!r} is not one of {', '.join(ATTENTION_IMPLS)}"
+            )
+        if attention_block < 1:
+            raise ValueError(f"attention_block={attention_block} must be >= 1")
         self.config = config
-        self.dtype = jnp.dtype(dtype)
-        self.param_dtype = jnp.dtype(param_dtype)
+        self.dtype = check_dtype(dtype, "dtype")
+        self.param_dtype = check_dtype(param_dtype, "param_dtype")
         self.scan_layers = scan_layers
         self.remat = remat
+        self.attention_impl = attention_impl
+        self.attention_block = attention_block
         init = nnx.initializers.normal(0.02)
         v, d = config.vocab_size, config.hidden_size
         self.embed = nnx.Param(init(rngs.params(), (v, d), param_dtype))
@@ -319,10 +344,9 @@ class Decoder(nnx.Module):
         mask = jnp.ones((b, s), bool) if mask is None else mask.astype(bool)
         if positions is None:
             positions = positions_from_mask(mask)
-        causal = jnp.tril(jnp.ones((s, s), bool))
-        allowed = causal[None] & mask[:, None, :]
         x = self._embed(tokens)
-        x, _ = self._run_layers(x, positions, allowed, None, use_lora=use_lora)
+        visible = (jnp.arange(s, dtype=jnp.int32), mask)
+        x, _ = self._run_layers(x, positions, visible, None, use_lora=use_lora)
         return _rms_norm(x, self.final_norm[...], self.config.rms_norm_eps, self.dtype)
 
     def unembedding(self) -> Float[Array, "D V"]:
@@ -351,6 +375,7 @@ class Decoder(nnx.Module):
         cache: KVCache,
         *,
         use_lora: bool = True,
+        fresh: bool = False,
     ) -> tuple[Float[Array, "B S D"], KVCache]:
         """Runs ``S`` new tokens against the cache and appends them to it.
 
@@ -365,22 +390,32 @@ class Decoder(nnx.Module):
           mask: ``[B, S]``, True on real tokens.
           cache: from :meth:`init_cache` or a previous call.
           use_lora: as in :meth:`__call__`.
+          fresh: the cache is empty (``index == 0``; a prefill). The new
+            tokens then attend only to each other, ``[S, S]`` scores instead
+            of ``[S, C]`` against the empty future slots.
 
         Returns:
           ``(hidden [B, S, D], cache)``: final hidden states of the new tokens
           and the updated cache.
         """
         s = tokens.shape[1]
+        if not isinstance(cache.index, jax.core.Tracer) and int(cache.index) + s > cache.max_length:
+            raise ValueError(
+                f"extend/decode_step: {s} new token(s) at cache index {int(cache.index)} run past "
+                f"the end of the cache (max_length={cache.max_length}); allocate a longer cache "
+                "with init_cache / prefill(max_length=...)"
+            )
         mask = mask.astype(bool)
         positions = cache.positions[:, None] + positions_from_mask(mask)
         positions = jnp.where(mask, positions, 0)
         slot_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, cache.index))
-        slots = jnp.arange(cache.max_length)
-        causal = slots[None, :] <= cache.index + jnp.arange(s)[:, None]  # [S, C]
-        allowed = causal[None] & slot_mask[:, None, :]
+        if fresh:
+            visible = (jnp.arange(s, dtype=jnp.int32), mask)
+        else:
+            visible = (cache.index + jnp.arange(s, dtype=jnp.int32), slot_mask)
         x = self._embed(tokens)
         x, (k, v) = self._run_layers(
-            x, positions, allowed, (cache.k, cache.v, cache.index), use_lora=use_lora
+            x, positions, visible, (cache.k, cache.v, cache.index), use_lora=use_lora, fresh=fresh
         )
         hidden = _rms_norm(x, self.final_norm[...], self.config.rms_norm_eps, self.dtype)
         new_cache = KVCache(
@@ -408,7 +443,8 @@ class Decoder(nnx.Module):
         b, s = tokens.shape
         if s > max_length:
             raise ValueError(f"prefill: prompt length {s} exceeds max_length={max_length}")
-        hidden, cache = self.extend(tokens, mask, self.init_cache(b, max_length), use_lora=use_lora)
+        cache = self.init_cache(b, max_length)
+        hidden, cache = self.extend(tokens, mask, cache, use_lora=use_lora, fresh=True)
         return self._logits(hidden[:, -1]), cache
 
     def decode_step(
@@ -427,10 +463,13 @@ class Decoder(nnx.Module):
                           preferred_element_type=jnp.float32)  # fmt: skip
 
     def _embed(self, tokens):
+        _check_ids(tokens, self.config.vocab_size)
         return jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
 
-    def _run_layers(self, x, positions, allowed, cache, *, use_lora):
+    def _run_layers(self, x, positions, visible, cache, *, use_lora, fresh=False):
         """All blocks; ``cache`` is None or ``(k, v, index)`` with per-layer tuples ``k``, ``v``.
+
+        ``fresh``: attend to the new keys only (the cache is empty before them).
 
         Returns ``(x, (k, v))`` with the updated per-layer cache tuples (or ``(x, None)``).
         """
@@ -444,6 +483,9 @@ class Decoder(nnx.Module):
             dtype=self.dtype,
             use_lora=use_lora,
             lora_scale=self.layers.lora_scale,
+            attend=functools.partial(
+                attention, impl=self.attention_impl, block_size=self.attention_block
+            ),
         )
 
         def layer(p, x, cache_k, cache_v):
@@ -458,9 +500,11 @@ class Decoder(nnx.Module):
                     start = (zero, zero, index, zero)
                     cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
                     cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
+                    if fresh:
+                        return k.astype(cache_k.dtype), v.astype(cache_v.dtype)
                     return cache_k, cache_v
 
-            x = block(p, x, cos, sin, allowed, kv)
+            x = block(p, x, cos, sin, visible, kv)
             return x, cache_k, cache_v
 
         if self.remat:

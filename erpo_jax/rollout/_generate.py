@@ -191,7 +191,7 @@ def generate(
         stop_check_every=options.stop_check_every,
         pad_id=pad_id,
         first_token="reft" if reft else None,
-        group_size=group_size if reft else None,
+        group_size=group_size,
         reft_top_n=options.reft_top_n,
         reft_k=options.reft_k,
         reft_marker=options.reft_marker,

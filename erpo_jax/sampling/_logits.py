@@ -80,6 +80,46 @@ def full_logp_and_entropy(
     return z_tok - lse, _entropy(z)
 
 
+def _float_key(x):
+    """float32 -> uint32 with the same order (negative floats bit-flipped, positive sign-set)."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def _key_float(key):
+    bits = jnp.where(key >> 31 == 1, key ^ jnp.uint32(0x80000000), ~key)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _top_p_threshold(z, p, top_p):
+    """The top-p cut without sorting the vocabulary: ``[B, 1]``, keep ``z >= threshold``.
+
+    The sorted definition keeps the first ``n`` tokens in descending order,
+    where ``n`` is the first index whose cumulative mass reaches ``top_p``;
+    its cut is the largest value ``v`` among the logits whose mass at or above
+    it, ``F(v) = sum(p[z >= v])``, reaches ``top_p``. ``F`` is monotone, so
+    that ``v`` is found exactly by bisection over the 2^32 float32 values in
+    their bit order: 32 masked sums over the vocabulary instead of a sort.
+    When rounding leaves the total mass below ``top_p``, every token is kept,
+    as in the sorted version.
+    """
+    finite = jnp.isfinite(z)
+    lo = _float_key(jnp.min(jnp.where(finite, z, jnp.inf), axis=-1, keepdims=True))
+    hi = _float_key(jnp.max(z, axis=-1, keepdims=True))
+    top_p = jnp.asarray(top_p, jnp.float32)
+
+    def body(_, bounds):
+        lo, hi = bounds
+        gap = hi - lo
+        mid = lo + gap // 2 + (gap & 1)  # ceil((lo + hi) / 2) without overflow
+        reaches = jnp.sum(jnp.where(z >= _key_float(mid), p, 0.0), axis=-1, keepdims=True)
+        ok = reaches >= top_p
+        return jnp.where(ok, mid, lo), jnp.where(ok | (mid == lo), hi, mid - 1)
+
+    lo, _ = jax.lax.fori_loop(0, 32, body, (lo, hi))
+    return _key_float(lo)
+
+
 def truncation_mask(
     logits: Float[ArrayLike, "B V"],
     *,
@@ -115,13 +155,17 @@ def truncation_mask(
     if top_p is not None:
         z_kept = jnp.where(keep, z, -jnp.inf)
         lse = jax.nn.logsumexp(z_kept, axis=-1, keepdims=True)
-        # Only the top-k values need sorting when top-k already ran.
-        sorted_z = top_values if top_values is not None else -jnp.sort(-z_kept, axis=-1)
-        sorted_p = jnp.exp(sorted_z - lse)
-        mass_before = jnp.cumsum(sorted_p, axis=-1) - sorted_p
-        n_keep = jnp.maximum(jnp.sum(mass_before < top_p, axis=-1, keepdims=True), 1)
-        threshold = jnp.take_along_axis(sorted_z, n_keep - 1, axis=-1)
-        keep = keep & (z >= threshold)
+        if top_values is not None:
+            # Only the k top-k values need sorting when top-k already ran.
+            sorted_p = jnp.exp(top_values - lse)
+            mass_before = jnp.cumsum(sorted_p, axis=-1) - sorted_p
+            n_keep = jnp.maximum(jnp.sum(mass_before < top_p, axis=-1, keepdims=True), 1)
+            threshold = jnp.take_along_axis(top_values, n_keep - 1, axis=-1)
+        else:
+            threshold = _top_p_threshold(z_kept, jnp.exp(z_kept - lse), top_p)
+        # top_p = 1 keeps every token: the cumulative mass can reach 1.0 by
+        # rounding before the tail, which is no reason to cut it.
+        keep = keep & ((z >= threshold) | (jnp.asarray(top_p) >= 1))
     if min_p is not None:
         z_max = jnp.max(z, axis=-1, keepdims=True)
         # p / p_max >= min_p  <=>  z - z_max >= log(min_p); independent of renormalisation.

@@ -76,6 +76,7 @@ class _Static(NamedTuple):
     pad_id: int
     use_lora: bool
     group_size: int  # REFT group size; 0 when REFT is off
+    prefix_group: int  # rows that share each prompt's prefill (1: no sharing)
     reft_top_n: int
     reft_k: int
 
@@ -154,12 +155,40 @@ def _prefill(graphdef, params, tokens, mask, keys, dyn: _Dynamic, *, static: _St
     if m:
         tokens = jnp.concatenate([tokens, jnp.broadcast_to(dyn.marker, (b, m))], axis=1)
         mask = jnp.concatenate([mask, jnp.ones((b, m), bool)], axis=1)
-    hidden, cache = model.extend(
-        tokens, mask, model.init_cache(b, static.cache_length), use_lora=static.use_lora
-    )
+    share = static.prefix_group
+    if share > 1:
+        # Each prompt is prefilled once and its cache broadcast to its rows.
+        # Rows are prompt-major: [P * G] -> [P, G] and take member 0 (a slice
+        # of the minor axis, so a row-sharded batch stays sharded by prompt).
+        def one_per_prompt(x):
+            return x.reshape(b // share, share, *x.shape[1:])[:, 0]
+
+        def spread(x):
+            return jnp.broadcast_to(x[:, None], (x.shape[0], share, *x.shape[1:])).reshape(
+                b, *x.shape[1:]
+            )
+
+        hidden, cache = model.extend(
+            one_per_prompt(tokens),
+            one_per_prompt(mask),
+            model.init_cache(b // share, static.cache_length),
+            use_lora=static.use_lora,
+            fresh=True,
+        )
+        hidden = spread(hidden[:, s - 1 :])
+        cache = jax.tree.map(lambda x: spread(x) if x.ndim else x, cache)
+    else:
+        hidden, cache = model.extend(
+            tokens,
+            mask,
+            model.init_cache(b, static.cache_length),
+            use_lora=static.use_lora,
+            fresh=True,
+        )
+        hidden = hidden[:, s - 1 :]
     # The last m + 1 positions predict the marker tokens and the first free token.
     logits = jnp.einsum(
-        "bsd,dv->bsv", hidden[:, s - 1 :], model.unembedding(), preferred_element_type=jnp.float32
+        "bsd,dv->bsv", hidden, model.unembedding(), preferred_element_type=jnp.float32
     )
     zeros = jnp.zeros((b, t_max), jnp.float32)
     state = _LoopState(
@@ -247,6 +276,20 @@ def compiled_cache_sizes() -> dict[str, int]:
         "decode": _decode_jit._cache_size(),  # type: ignore[attr-defined]
         "finish": _finish_jit._cache_size(),  # type: ignore[attr-defined]
     }
+
+
+def _spans_devices(params: Any) -> bool:
+    """Whether the parameters are placed over several devices (a mesh).
+
+    Prefix sharing prefills ``P`` rows and broadcasts them to ``B``; without
+    explicit output shardings for the cache (not yet) the compiler may
+    replicate it on a mesh, so it is used on one device only.
+    """
+    for leaf in jax.tree.leaves(params):
+        sharding = getattr(leaf, "sharding", None)
+        if sharding is not None and len(sharding.device_set) > 1:
+            return True
+    return False
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -337,6 +380,7 @@ def sample(
     reft_k: int = 4,
     reft_marker: Sequence[int] = (),
     use_lora: bool = True,
+    share_prefix: bool = True,
 ) -> SampleOutput:
     """Samples ``max_new_tokens`` per row with a KV cache; returns tokens, logp, entropy, mask.
 
@@ -398,12 +442,16 @@ def sample(
       bucket_prompts: left-pad prompts to a power-of-two length (at least 8)
         so varying prompt lengths reuse compiled code.
       first_token: None or ``"reft"``.
-      group_size: G, rows per prompt; required for REFT.
+      group_size: G, rows per prompt (prompt-major, the rows of a group
+        holding the same prompt); required for REFT. With it each prompt is
+        prefilled once and its KV cache copied to its G rows.
       reft_top_n: N, REFT candidate pool (``reft_k <= N <= V``).
       reft_k: K, distinct openers per group; ``group_size % reft_k == 0``.
       reft_marker: ids forced at the start of every completion before the
         REFT opener (only with ``first_token="reft"``).
       use_lora: apply the model's LoRA adapters, if any.
+      share_prefix: with ``group_size``, prefill each prompt once (``False``
+        prefills every row; the outputs are the same).
 
     Returns:
       :class:`SampleOutput` with ``[B, T]`` arrays and ``lengths [B]``.
@@ -473,6 +521,7 @@ def sample(
         raise ValueError(f"sample: first_token must be None or 'reft', got {first_token!r}")
     marker = _ids("reft_marker", reft_marker, vocab)
     reft_group = 0
+    rows_per_prompt = 1 if group_size is None else _positive_int("group_size", group_size)
     if first_token == "reft":
         reft_group = _positive_int("group_size", group_size)
         reft_k = _positive_int("reft_k", reft_k)
@@ -504,16 +553,16 @@ def sample(
         bucket=bucket_prompts,
     )
     b = tokens.shape[0]
-    if reft_group and b % reft_group:
+    if b % rows_per_prompt:
         raise ValueError(
-            f"sample: prompt_tokens has {b} rows, not a multiple of group_size={reft_group}"
+            f"sample: prompt_tokens has {b} rows, not a multiple of group_size={rows_per_prompt}"
         )
-    if reft_group:
-        grouped = np.where(mask, tokens, -1).reshape(b // reft_group, reft_group, -1)
+    if rows_per_prompt > 1:
+        grouped = np.where(mask, tokens, -1).reshape(b // rows_per_prompt, rows_per_prompt, -1)
         if not np.all(grouped == grouped[:, :1]):
             raise ValueError(
-                "sample: with first_token='reft' the group_size rows of each group must hold "
-                "the same prompt (prompt_tokens prompt-major, see repeat_for_groups)"
+                "sample: with group_size the rows of each group must hold the same prompt "
+                "(prompt_tokens prompt-major, see repeat_for_groups)"
             )
     keys = as_row_keys(key, b)
     # -1 never matches a token; padding the EOS list to a multiple of 8 keeps its
@@ -531,6 +580,7 @@ def sample(
         pad_id=int(pad_id),
         use_lora=bool(use_lora),
         group_size=reft_group,
+        prefix_group=rows_per_prompt if share_prefix and not _spans_devices(params) else 1,
         reft_top_n=int(reft_top_n) if reft_group else 0,
         reft_k=int(reft_k) if reft_group else 0,
     )

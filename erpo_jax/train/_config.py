@@ -19,6 +19,8 @@ import difflib
 import os
 from typing import Any, Optional
 
+from erpo_jax.models.attention import ATTENTION_IMPLS
+
 __all__ = [
     "LOSS_NAMES",
     "ConfigError",
@@ -87,6 +89,9 @@ class ModelSpec:
       scan_layers: ``lax.scan`` over blocks in the cache-free forward.
       logp_chunk_size: tokens per chunk of the log-prob/entropy head (None: all at once).
       vocab_chunk_size: vocabulary tile of that head (None: the full vocabulary).
+      attention_impl: ``auto``, ``xla``, ``chunked`` (blockwise, memory linear
+        in length) or ``cudnn`` (GPU); see ``erpo_jax.models.attention``.
+      attention_block: keys per block of the chunked attention.
     """
 
     checkpoint: str = "toy"
@@ -98,9 +103,13 @@ class ModelSpec:
     scan_layers: bool = False
     logp_chunk_size: Optional[int] = None  # noqa: UP045 (OmegaConf needs typing.Optional)
     vocab_chunk_size: Optional[int] = None  # noqa: UP045
+    attention_impl: str = "auto"
+    attention_block: int = 512
 
     def __post_init__(self):
         _choice("model.dtype", self.dtype, _DTYPES)
+        _choice("model.attention_impl", self.attention_impl, ATTENTION_IMPLS)
+        _positive("model.attention_block", self.attention_block)
         if self.lora_rank < 0:
             _fail("model.lora_rank", self.lora_rank, "must be >= 0 (0: full fine-tuning)")
         if self.lora_rank and not self.lora_alpha > 0:

@@ -164,6 +164,8 @@ def _build(cfg: RunConfig, out: Path, log: Callable[[str], None]) -> _Run:
         param_dtype=jnp.float32,
         remat=cfg.model.remat,
         scan_layers=cfg.model.scan_layers,
+        attention_impl=cfg.model.attention_impl,
+        attention_block=cfg.model.attention_block,
     )
     tokenizer = load_tokenizer(checkpoint)
     eos_ids = resolve_eos_ids(model_config, tokenizer, checkpoint)

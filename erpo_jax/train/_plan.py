@@ -412,7 +412,9 @@ def plan_memory(
     if compile_sampler:
         static = _sampler._Static(
             greedy=False, top_k=None, use_top_p=False, use_min_p=False, max_new_tokens=t,
-            cache_length=slots, pad_id=0, use_lora=True, group_size=0, reft_top_n=0, reft_k=0,
+            cache_length=slots, pad_id=0, use_lora=True, group_size=0,
+            prefix_group=group if mesh.size == 1 else 1,
+            reft_top_n=0, reft_k=0,
         )  # fmt: skip
         scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)
         dyn_fields: dict[str, Any] = dict(

@@ -178,11 +178,72 @@ def test_load_tokenizer_errors_name_the_directory(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="is not a directory"):
         load_tokenizer(tmp_path / "missing")
+    # A checkpoint directory with config files but no vocabulary (AutoTokenizer
+    # alone would build an empty tokenizer from tokenizer_config.json).
     (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "tokenizer_config.json").write_text(
+        '{"tokenizer_class": "PreTrainedTokenizerFast"}'
+    )
+    with pytest.raises(FileNotFoundError, match=r"has no tokenizer files .*tokenizer\.json"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("not json")
     with pytest.raises(
         FileNotFoundError, match=r"no usable tokenizer in .*expected tokenizer.json"
     ):
         load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("key", ["hidden_size", "num_attention_heads", "vocab_size"])
+def test_config_json_without_a_required_key_names_file_and_key(checkpoint, tmp_path, key):
+    _copy(checkpoint, tmp_path)
+    hf = json.loads((tmp_path / "config.json").read_text())
+    del hf[key]
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(ValueError, match=rf"config\.json is missing the key '{key}'.*llama"):
+        load_hf_checkpoint(tmp_path)
+
+
+def test_config_json_that_is_not_json_names_the_file(checkpoint, tmp_path):
+    _copy(checkpoint, tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "llama",')
+    with pytest.raises(ValueError, match=r"config\.json is not valid JSON"):
+        load_hf_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"config\.json must hold a JSON object"):
+        load_hf_checkpoint(tmp_path)
+
+
+def test_quantized_tensors_and_dtypes_are_refused(checkpoint, tmp_path):
+    name = "model.layers.0.mlp.up_proj.weight"
+    st = SafetensorsFile(os.path.join(checkpoint, "model.safetensors"))
+    _copy(checkpoint, tmp_path)
+    tensors = {k: np.array(st.tensor(k)) for k in st.keys()}
+    tensors[name] = np.zeros(tensors[name].shape, np.int8)
+    write_safetensors(os.path.join(tmp_path, "model.safetensors"), tensors)
+    with pytest.raises(ValueError, match=re.escape(f"'{name}'") + r".*dtype I8.*unquantized"):
+        load_hf_checkpoint(tmp_path)
+    with pytest.raises(ValueError, match=r"dtype=float8_e4m3fn is not supported"):
+        load_hf_checkpoint(checkpoint, dtype="float8_e4m3fn")
+    with pytest.raises(ValueError, match=r"param_dtype=int8 is not supported"):
+        load_hf_checkpoint(checkpoint, param_dtype="int8")
+
+
+def test_out_of_vocabulary_ids_and_a_full_cache_are_named():
+    import jax.numpy as jnp
+
+    model = Decoder(CONFIG, rngs=nnx.Rngs(0))
+    tokens = np.array([[1, 2, 50], [3, -1, 4]], np.int32)
+    with pytest.raises(
+        ValueError, match=r"token ids must lie in \[0, vocab_size=50\), got \[-1, 50\]"
+    ):
+        model(jnp.asarray(tokens))
+    ok = jnp.asarray(np.abs(tokens) % 50)
+    _, cache = model.prefill(ok, jnp.ones((2, 3), bool), max_length=4)
+    _, cache = model.decode_step(jnp.array([1, 2], jnp.int32), cache)  # fills slot 3 of 0..3
+    with pytest.raises(
+        ValueError, match=r"cache index 4 run past the end of the cache \(max_length=4\)"
+    ):
+        model.decode_step(jnp.array([1, 2], jnp.int32), cache)
 
 
 def test_load_tokenizer_reads_a_local_tokenizer(tmp_path):

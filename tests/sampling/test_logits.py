@@ -62,3 +62,41 @@ def test_bf16_logits_give_float32_stats():
 def test_top_p_one_and_min_p_zero_keep_everything():
     keep = truncation_mask(_logits(), top_p=1.0, min_p=0.0)
     assert np.asarray(keep).all()
+
+
+def _sorted_top_p(z: np.ndarray, top_p: float) -> np.ndarray:
+    """The sorted-cumsum definition (transformers' TopPLogitsWarper), in NumPy."""
+    keep = np.zeros(z.shape, bool)
+    for b in range(z.shape[0]):
+        p = np.exp(z[b] - z[b].max())
+        p = p / p.sum()
+        order = np.argsort(-z[b], kind="stable")
+        mass_before = np.cumsum(p[order]) - p[order]
+        n = max(int(np.sum(mass_before < top_p)), 1)
+        keep[b] = z[b] >= z[b][order[n - 1]]
+    return keep
+
+
+@pytest.mark.parametrize("scale", [0.05, 1.0, 8.0, 40.0])
+def test_top_p_without_a_sort_equals_the_sorted_definition(scale):
+    """The bisection cut keeps exactly the sorted-cumsum set, ties and peaked rows included."""
+    rng = np.random.default_rng(int(scale * 100))
+    z = (scale * rng.normal(size=(64, 301))).astype(np.float32)
+    z[::4] = np.round(z[::4])  # many ties
+    z[1::8, :5] = z[1::8].max(axis=1, keepdims=True) + 30  # five equal dominant tokens
+    fn = jax.jit(lambda z, p: truncation_mask(z, top_p=p))
+    checked = 0
+    for top_p in (0.05, 0.3, 0.5, 0.9, 0.97):
+        got = np.asarray(fn(z, jnp.float32(top_p)))
+        want = _sorted_top_p(z.astype(np.float64), top_p)
+        # Rows whose cumulative mass sits within float32 rounding of top_p at
+        # the cut may go either way; everywhere else the sets are identical.
+        p = np.exp(z - z.max(1, keepdims=True))
+        p = p / p.sum(1, keepdims=True)
+        kept_mass = np.where(want, p, 0).sum(1)
+        dropped_mass = kept_mass - np.array([p[b][want[b]].min() for b in range(len(z))])
+        clear = (np.abs(kept_mass - top_p) > 1e-5) & (np.abs(dropped_mass - top_p) > 1e-5)
+        np.testing.assert_array_equal(got[clear], want[clear])
+        checked += int(clear.sum())
+        assert got.any(axis=1).all()
+    assert checked > 300

@@ -219,3 +219,33 @@ def test_second_call_with_same_shapes_does_not_recompile(model, h):
     direct = sample(other, prompt2, prompt_mask2, h.key(3), temperature=1.1, eos_ids=(7, 8), **kw)
     np.testing.assert_array_equal(np.asarray(pair.tokens), np.asarray(direct.tokens))
     assert compiled_cache_sizes() == before
+
+
+def test_shared_prefix_prefill_gives_the_unshared_outputs(model, h):
+    """group_size: each prompt is prefilled once and its cache copied to its G rows."""
+    prompt, prompt_mask = h.left_padded(11, b=3)
+    g = 4
+    rows, row_mask = np.repeat(prompt, g, axis=0), np.repeat(prompt_mask, g, axis=0)
+    kw = dict(max_new_tokens=T, temperature=1.0, eos_ids=(5,), top_p=0.9)
+    shared = sample(model, rows, row_mask, h.key(4), group_size=g, **kw)
+    unshared = sample(model, rows, row_mask, h.key(4), group_size=g, share_prefix=False, **kw)
+    plain = sample(model, rows, row_mask, h.key(4), **kw)
+    for other in (unshared, plain):
+        np.testing.assert_array_equal(np.asarray(shared.tokens), np.asarray(other.tokens))
+        np.testing.assert_array_equal(np.asarray(shared.mask), np.asarray(other.mask))
+        np.testing.assert_allclose(np.asarray(shared.logp), np.asarray(other.logp), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(shared.entropy), np.asarray(other.entropy), atol=1e-5)
+    # Rows of a group differ (their keys differ): the sharing is of the prompt only.
+    assert len({tuple(r) for r in np.asarray(shared.tokens)[:g]}) > 1
+    # And the statistics are the model's own, as for unshared sampling.
+    logp, _ = h.reference_stats(model, rows, row_mask, shared, 1.0)
+    m = np.asarray(shared.mask)
+    np.testing.assert_allclose(np.asarray(shared.logp)[m], logp[m], atol=2e-5)
+
+
+def test_group_size_needs_groups_of_one_prompt(model, h):
+    prompt, prompt_mask = h.left_padded(12, b=4)
+    with pytest.raises(ValueError, match="rows of each group must hold the same prompt"):
+        sample(model, prompt, prompt_mask, h.key(0), max_new_tokens=4, group_size=2)
+    with pytest.raises(ValueError, match="not a multiple of group_size=3"):
+        sample(model, prompt, prompt_mask, h.key(0), max_new_tokens=4, group_size=3)

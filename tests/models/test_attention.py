@@ -1,0 +1,268 @@
+"""Attention implementations: parity with ``xla`` in value and gradient, memory, prefill, dtypes.
+
+The reference is the ``xla`` implementation (all scores at once), itself
+checked against ``transformers`` by test_hf_parity.py, and against a
+naive NumPy softmax here.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from erpo_jax.models import Decoder, ModelConfig
+from erpo_jax.models import attention as A
+
+
+def _attend(*args, impl, block_size=512):
+    return _attend_jit(*args, impl=impl, block_size=block_size)
+
+
+_attend_jit = jax.jit(A.attention, static_argnames=("impl", "block_size"))
+
+
+def _inputs(seed, b, s, n, kh, c, h, *, offset=0, pads=(0, 3), dtype=jnp.float32):
+    """Queries at slots ``offset .. offset + s - 1``; row i has ``pads[i]`` masked leading keys."""
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.normal(size=(b, s, n, h)), dtype)
+    k = jnp.asarray(rng.normal(size=(b, kh, c, h)), dtype)
+    v = jnp.asarray(rng.normal(size=(b, kh, c, h)), dtype)
+    kv_mask = np.ones((b, c), bool)
+    for i in range(b):
+        kv_mask[i, : pads[i % len(pads)]] = False
+    q_slots = offset + jnp.arange(s, dtype=jnp.int32)
+    return q, k, v, q_slots, jnp.asarray(kv_mask)
+
+
+def _numpy_attention(q, k, v, q_slots, kv_mask):
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    b, s, n, h = q.shape
+    kh, c = k.shape[1], k.shape[2]
+    out = np.zeros((b, s, n, h))
+    for bi in range(b):
+        for qi in range(s):
+            allowed = (np.arange(c) <= int(q_slots[qi])) & np.asarray(kv_mask[bi])
+            for ni in range(n):
+                kk, vv = k[bi, ni // (n // kh)], v[bi, ni // (n // kh)]
+                scores = kk @ q[bi, qi, ni] / np.sqrt(h)
+                scores = np.where(allowed, scores, -np.inf) if allowed.any() else 0 * scores
+                p = np.exp(scores - scores.max())
+                out[bi, qi, ni] = (p / p.sum()) @ vv
+    return out.reshape(b, s, n * h)
+
+
+# (S, C, offset, block): self-attention, a block that does not divide C, a
+# cached extend (queries at slots 13.., keys beyond them unwritten), one block.
+CASES = [(37, 37, 0, 8), (37, 37, 0, 10), (24, 50, 13, 7), (16, 16, 0, 64)]
+
+
+@pytest.mark.parametrize(("s", "c", "offset", "block"), CASES)
+def test_chunked_and_xla_match_numpy_in_value(s, c, offset, block):
+    # Row 1 has 3 masked leading keys: its first queries (at offset 0) see none.
+    q, k, v, q_slots, kv_mask = _inputs(0, 2, s, 4, 2, c, 8, offset=offset)
+    want = _numpy_attention(q, k, v, q_slots, kv_mask)
+    xla = _attend(q, k, v, q_slots, kv_mask, impl="xla")
+    chunked = _attend(q, k, v, q_slots, kv_mask, impl="chunked", block_size=block)
+    np.testing.assert_allclose(np.asarray(xla), want, atol=2e-6, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(chunked), want, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("s", "c", "offset", "block"), CASES)
+def test_chunked_gradients_equal_xla(s, c, offset, block):
+    q, k, v, q_slots, kv_mask = _inputs(1, 2, s, 4, 2, c, 8, offset=offset)
+    w = jnp.asarray(np.random.default_rng(2).normal(size=(2, s, 32)), jnp.float32)
+
+    def grads(impl):
+        def f(q, k, v):
+            out = A.attention(q, k, v, q_slots, kv_mask, impl=impl, block_size=block)
+            return jnp.sum(out * w)
+
+        return jax.jit(jax.grad(f, argnums=(0, 1, 2)))(q, k, v)
+
+    for got, want, name in zip(grads("chunked"), grads("xla"), "qkv", strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=5e-6, err_msg=name)
+        assert float(jnp.abs(want).max()) > 1e-2, name  # the comparison is not vacuous
+
+
+def test_chunked_in_bfloat16_stays_at_bfloat16_error():
+    """bf16 inputs: chunked is as close to the float32 result as xla in bf16 is."""
+    args32 = _inputs(3, 2, 64, 4, 2, 64, 16)
+    args16 = tuple(x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x for x in args32)
+    exact = np.asarray(_attend(*args32, impl="xla"), np.float32)
+    xla16 = np.asarray(_attend(*args16, impl="xla"), np.float32)
+    chunk16 = np.asarray(_attend(*args16, impl="chunked", block_size=16), np.float32)
+    bf16_error = np.abs(xla16 - exact).max()
+    assert (
+        chunk16.dtype == np.float32 and A.attention(*args16, impl="chunked").dtype == jnp.bfloat16
+    )
+    assert np.abs(chunk16 - exact).max() <= 2 * bf16_error + 1e-3
+
+
+def test_jax_nn_path_matches_on_queries_that_see_keys():
+    """The cudnn wrapper's layout and mask handling, run with jax.nn's own XLA kernel."""
+    q, k, v, q_slots, kv_mask = _inputs(4, 2, 20, 4, 2, 30, 8, offset=10, pads=(0, 12))
+    got = A._dot_product_attention(q, k, v, q_slots, kv_mask, implementation="jax_nn")
+    want = _numpy_attention(q, k, v, q_slots, kv_mask)
+    sees = (np.arange(30)[None, None] <= np.asarray(q_slots)[None, :, None]) & np.asarray(kv_mask)[
+        :, None
+    ]
+    rows = sees.any(-1)  # [B, S]
+    assert not rows.all()  # row 1's first queries see nothing: excluded
+    np.testing.assert_allclose(np.asarray(got)[rows], want[rows], atol=2e-6, rtol=1e-5)
+
+
+def test_cudnn_off_gpu_and_unknown_impl_are_clear_errors():
+    args = _inputs(0, 1, 4, 2, 1, 4, 8)
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match=r"cudnn.*needs a GPU"):
+            A.attention(*args, impl="cudnn")
+    with pytest.raises(ValueError, match=r"attention_impl=.flash.*xla, chunked"):
+        A.attention(*args, impl="flash")
+    with pytest.raises(ValueError, match="attention_impl"):
+        Decoder(_CONFIG, attention_impl="flash", rngs=nnx.Rngs(0))
+
+
+def test_auto_picks_by_length_and_backend():
+    f32 = jnp.float32
+    assert A.resolve_attention_impl("auto", s=1, c=100_000, dtype=f32) == "xla"
+    assert A.resolve_attention_impl("auto", s=128, c=128, dtype=f32) == "xla"
+    long = A.resolve_attention_impl("auto", s=4096, c=4096, dtype=jnp.bfloat16)
+    assert long == ("cudnn" if jax.default_backend() == "gpu" else "chunked")
+
+
+# ---------------------------------------------------------------- the model
+
+_CONFIG = ModelConfig("qwen3", 97, 32, 48, 2, 4, 2, 8, qk_norm=True, max_position_embeddings=512)
+
+
+def _pair(impl_a="xla", impl_b="chunked", block=8):
+    a = Decoder(_CONFIG, attention_impl=impl_a, rngs=nnx.Rngs(0))
+    b = Decoder(_CONFIG, attention_impl=impl_b, attention_block=block, rngs=nnx.Rngs(0))
+    return a, b
+
+
+def _tokens(seed, b, s):
+    rng = np.random.default_rng(seed)
+    tokens = jnp.asarray(rng.integers(0, 97, (b, s)), jnp.int32)
+    mask = np.ones((b, s), bool)
+    mask[1, :7] = False
+    return tokens, jnp.asarray(mask)
+
+
+@nnx.jit
+def _forward(model, tokens, mask):
+    return model(tokens, mask)
+
+
+def test_decoder_chunked_matches_xla_forward_and_gradient():
+    xla, chunked = _pair()
+    tokens, mask = _tokens(0, 3, 29)
+    np.testing.assert_allclose(
+        np.asarray(_forward(chunked, tokens, mask)),
+        np.asarray(_forward(xla, tokens, mask)),
+        atol=2e-5,
+    )
+
+    def loss(model):
+        logits = model(tokens, mask)
+        return jnp.sum(jnp.where(mask[..., None], jax.nn.log_softmax(logits), 0.0)[..., :5])
+
+    gx = nnx.jit(nnx.grad(loss))(xla)
+    gc = nnx.jit(nnx.grad(loss))(chunked)
+    for (path, a), (_, b) in zip(
+        jax.tree_util.tree_leaves_with_path(gx),
+        jax.tree_util.tree_leaves_with_path(gc),
+        strict=True,
+    ):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5, err_msg=str(path))
+
+
+@nnx.jit(static_argnames="max_length")
+def _prefill(model, tokens, mask, max_length):
+    return model.prefill(tokens, mask, max_length=max_length)
+
+
+@nnx.jit
+def _decode(model, tokens, cache):
+    return model.decode_step(tokens, cache)
+
+
+def test_prefill_and_decode_match_across_implementations():
+    xla, chunked = _pair()
+    tokens, mask = _tokens(1, 3, 21)
+    lx, cx = _prefill(xla, tokens, mask, 40)
+    lc, cc = _prefill(chunked, tokens, mask, 40)
+    np.testing.assert_allclose(np.asarray(lc), np.asarray(lx), atol=2e-5)
+    np.testing.assert_allclose(np.asarray(cc.k[0]), np.asarray(cx.k[0]), atol=2e-5)
+    nxt = jnp.argmax(lx, -1).astype(jnp.int32)
+    dx, _ = _decode(xla, nxt, cx)
+    dc, _ = _decode(chunked, nxt, cc)
+    np.testing.assert_allclose(np.asarray(dc), np.asarray(dx), atol=2e-5)
+    # The prefill's logits equal the cache-free forward's last position.
+    full = _forward(xla, tokens, mask)[:, -1]
+    np.testing.assert_allclose(np.asarray(lx), np.asarray(full), atol=2e-5)
+
+
+def _layer_temp_bytes(impl, s, block=256):
+    """Compiled temporary bytes of one decoder layer's value_and_grad at sequence length s."""
+    cfg = ModelConfig("qwen3", 64, 64, 128, 1, 4, 2, 16, qk_norm=True, max_position_embeddings=s)
+    model = Decoder(cfg, attention_impl=impl, attention_block=block, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    tokens = jax.ShapeDtypeStruct((1, s), jnp.int32)
+
+    def loss(params, tokens):
+        m = nnx.merge(graphdef, params)
+        return jnp.sum(m.hidden_states(tokens))
+
+    compiled = jax.jit(jax.value_and_grad(loss)).lower(params, tokens).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_chunked_memory_grows_linearly_with_length():
+    """One layer's value_and_grad from S=1024 to 8192: chunked ~8x, xla ~64x (compiled, not run)."""
+    chunked = [_layer_temp_bytes("chunked", s) for s in (1024, 8192)]
+    xla = [_layer_temp_bytes("xla", s) for s in (1024, 8192)]
+    assert chunked[1] / chunked[0] <= 8 * 1.25, chunked
+    assert xla[1] / xla[0] >= 30, xla  # the quadratic baseline the test tells apart
+    assert chunked[1] < xla[1] / 8, (chunked, xla)
+
+
+def test_prefill_does_not_attend_to_empty_cache_slots():
+    """Prefill temporaries do not grow with the cache length (they did: [B, N, S, C] scores)."""
+    model = Decoder(_CONFIG, attention_impl="xla", rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    tokens = jax.ShapeDtypeStruct((4, 64), jnp.int32)
+    mask = jax.ShapeDtypeStruct((4, 64), jnp.bool_)
+
+    def temp(max_length):
+        def f(params, tokens, mask):
+            return nnx.merge(graphdef, params).prefill(tokens, mask, max_length=max_length)
+
+        compiled = jax.jit(f).lower(params, tokens, mask).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    short, long = temp(64 + 8), temp(64 + 8192)
+    scores_at_long = 4 * 4 * 64 * (64 + 8192) * 4  # [B, N, S, C] float32
+    assert long - short < scores_at_long / 4, (short, long)
+
+
+# ---------------------------------------------------------------- dtypes
+
+
+@pytest.mark.parametrize("dtype", [jnp.int8, jnp.float8_e4m3fn, "float64", "nonsense"])
+def test_unsupported_dtypes_are_refused(dtype):
+    with pytest.raises(ValueError, match=r"dtype=.*(not supported|not a dtype).*float32, bfloat16"):
+        Decoder(_CONFIG, dtype=dtype, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"param_dtype=.*float32, bfloat16, float16"):
+        Decoder(_CONFIG, param_dtype=dtype, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_supported_dtypes_are_kept(dtype):
+    model = nnx.eval_shape(
+        lambda: Decoder(_CONFIG, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
+    )
+    assert model.dtype == jnp.dtype(dtype) and model.embed.get_value().dtype == jnp.dtype(dtype)
