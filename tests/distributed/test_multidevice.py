@@ -19,7 +19,8 @@ import pytest
     [
         "multidevice_losses.py",  # pmap, and shard_map data parallelism with psum
         "multidevice_models.py",  # load_hf_checkpoint onto an (fsdp, tensor) mesh
-        "multidevice_train_step.py",  # one ERPO train step on 3 meshes equals one device
+        # one ERPO train step on 3 meshes equals one device (~2.5 min on 2 cores)
+        pytest.param("multidevice_train_step.py", marks=pytest.mark.slow),
     ],
 )
 def test_on_eight_devices(script):

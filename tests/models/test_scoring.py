@@ -45,18 +45,24 @@ def _batch():
     return prompt, pmask, tokens, mask
 
 
+@nnx.jit(static_argnames=("temperature",))
+def _score(model, prompt, pmask, tokens, mask, temperature):
+    return score_completions(
+        model, prompt, pmask, tokens, mask, temperature=temperature, chunk_size=4
+    )
+
+
 def test_matches_log_softmax_of_each_row_alone():
     """Each row scored alone, unpadded, through full logits: the naive reference."""
     model = Decoder(CONFIG, rngs=nnx.Rngs(0))
     prompt, pmask, tokens, mask = _batch()
+    forward = nnx.jit(lambda m, seq: m(seq))
     for temperature in (1.0, 0.7):
-        logp, entropy = score_completions(
-            model, prompt, pmask, tokens, mask, temperature=temperature, chunk_size=4
-        )
+        logp, entropy = _score(model, prompt, pmask, tokens, mask, temperature)
         for i in range(prompt.shape[0]):
             seq = np.concatenate([prompt[i][pmask[i]], tokens[i][mask[i]]])
             n = int(mask[i].sum())
-            logits = np.asarray(model(jnp.asarray(seq[None])))[0] / temperature
+            logits = np.asarray(forward(model, jnp.asarray(seq[None])))[0] / temperature
             pred = logits[len(seq) - n - 1 : len(seq) - 1]
             lsm = pred - jax.scipy.special.logsumexp(pred, axis=-1, keepdims=True)
             ref_logp = np.take_along_axis(np.asarray(lsm), seq[-n:, None], -1)[:, 0]
@@ -75,7 +81,7 @@ def test_gradient_flows_to_parameters():
         lp, _ = score_completions(nnx.merge(graphdef, params), prompt, pmask, tokens, mask)
         return jnp.sum(jnp.where(mask, lp, 0.0))
 
-    grads = jax.grad(f)(params)
+    grads = jax.jit(jax.grad(f))(params)
     norms = [float(jnp.linalg.norm(g)) for g in jax.tree.leaves(grads)]
     assert all(np.isfinite(norms)) and max(norms) > 0
 

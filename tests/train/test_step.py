@@ -110,7 +110,7 @@ def _full_batch(trainable, frozen, score, cfg):
 
 # Three losses cover the three aggregation paths (token mean with group
 # statistics, sequence-level rows, the GRPO family); the rest are `slow`.
-_FAST = ("erpo", "gspo", "grpo")
+_FAST = ("erpo", "grpo")
 
 
 @pytest.mark.parametrize(

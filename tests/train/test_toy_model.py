@@ -136,6 +136,7 @@ def test_second_call_reuses_the_cache(micro_build, monkeypatch):
     assert (micro_build / "model.safetensors").stat().st_mtime_ns == before
 
 
+@pytest.mark.slow  # a second build (~40 s on 2 cores)
 def test_build_is_deterministic_for_a_seed(micro_build, tmp_path):
     again = build_toy_base_model(tmp_path, seed=0, recipe=MICRO)
     assert (again / "model.safetensors").read_bytes() == (

@@ -181,6 +181,7 @@ def _comparable(path):
     ]
 
 
+@pytest.mark.slow  # three training processes, ~2 min on 2 cores
 def test_kill_and_resume_repeats_the_uninterrupted_run(checkpoint, tmp_path):
     # The three processes share a persistent compilation cache: the second and
     # third reuse the first one's executables instead of compiling again.
