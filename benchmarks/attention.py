@@ -55,7 +55,7 @@ def main():
         kv_mask = jnp.ones((1, s), bool)
         for impl in args.impls:
 
-            def loss(q, k, v, impl=impl):
+            def loss(q, k, v, impl=impl, q_slots=q_slots, kv_mask=kv_mask):
                 out = attention(q, k, v, q_slots, kv_mask, impl=impl, block_size=args.block)
                 return jnp.sum(out * out)
 
