@@ -48,7 +48,7 @@ def _parse():
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=512)
     p.add_argument("--train-rows", type=int, default=32)
-    p.add_argument("--micro-batches", type=int, default=4)
+    p.add_argument("--micro-batches", type=int, default=4, help="must divide train-rows / group")
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--hbm-gbps", type=float, default=None)
     p.add_argument("--smoke", action="store_true", help="tiny shapes, any backend")
@@ -81,12 +81,13 @@ def main() -> None:
     config = ModelConfig.preset(args.preset)
     if args.smoke:
         config = ModelConfig("qwen3", 512, 64, 128, 2, 4, 2, 16, qk_norm=True)
-        args.rows, args.prompt_len, args.new_tokens, args.train_rows = 16, 16, 16, 8
+        args.rows, args.prompt_len, args.new_tokens, args.train_rows = 16, 16, 16, 16
         args.micro_batches = 2
     device = jax.devices()[0]
     kind = getattr(device, "device_kind", device.platform)
     peak_tflops, hbm_gbps = _peaks(kind, args)
-    common = {"device": kind, "backend": jax.default_backend(), "preset": args.preset,
+    common = {"device": kind, "backend": jax.default_backend(),
+              "preset": "tiny (smoke)" if args.smoke else args.preset,
               "smoke": args.smoke, "jax": jax.__version__}  # fmt: skip
 
     # ---------------------------------------------------------------- decode
