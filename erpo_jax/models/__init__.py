@@ -16,13 +16,14 @@ from erpo_jax.models.checkpoint import (
     save_hf_checkpoint,
 )
 from erpo_jax.models.config import PRESETS, SUPPORTED_MODEL_TYPES, ModelConfig, RopeScaling
-from erpo_jax.models.decoder import Decoder, positions_from_mask
+from erpo_jax.models.decoder import COMPUTE_DTYPES, Decoder, positions_from_mask
 from erpo_jax.models.eos import END_OF_TURN_TOKENS, resolve_eos_ids
 from erpo_jax.models.kv_cache import KVCache, init_kv_cache
 from erpo_jax.models.lora import LORA_TARGETS, add_lora, merge_lora
 from erpo_jax.models.scoring import completion_hidden_states, score_completions
 
 __all__ = [
+    "COMPUTE_DTYPES",
     "END_OF_TURN_TOKENS",
     "LORA_TARGETS",
     "PRESETS",

@@ -56,11 +56,16 @@ _MASKED = -1e38
 _PADDED = _NEG
 
 
-def resolve_attention_impl(impl: str, *, s: int, c: int, dtype: jnp.dtype) -> str:
-    """The concrete implementation ``impl`` means for ``S`` queries over ``C`` slots."""
+def check_attention_impl(impl: str) -> str:
+    """``impl`` if it is one of :data:`ATTENTION_IMPLS`, else a ``ValueError`` naming them."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl={impl!r} is not one of {', '.join(ATTENTION_IMPLS)}")
-    if impl != "auto":
+    return impl
+
+
+def resolve_attention_impl(impl: str, *, s: int, c: int, dtype: jnp.dtype) -> str:
+    """The concrete implementation ``impl`` means for ``S`` queries over ``C`` slots."""
+    if check_attention_impl(impl) != "auto":
         return impl
     if s == 1:
         return "xla"  # a decode step: the scores are [B, N, 1, C], nothing to save
@@ -138,7 +143,12 @@ def _xla(q, k, v, q_slots, kv_mask):
 # ---------------------------------------------------------------- chunked
 
 
-def _pad_keys(k, v, kv_mask, block):
+def _key_blocks(k, v, kv_mask, block):
+    """``(xs, nb)``: keys, values, mask and slot ids padded to ``nb`` whole blocks, block-major.
+
+    ``xs`` is ``(k [nb, B, K, block, H], v [same], kv_mask [nb, B, block],
+    slots [nb, block])``, the ``lax.scan`` input of the forward and backward.
+    """
     c = k.shape[2]
     nb = -(-c // block)
     pad = nb * block - c
@@ -146,14 +156,13 @@ def _pad_keys(k, v, kv_mask, block):
         k = jnp.pad(k, ((0, 0), (0, 0), (0, pad), (0, 0)))
         v = jnp.pad(v, ((0, 0), (0, 0), (0, pad), (0, 0)))
         kv_mask = jnp.pad(kv_mask, ((0, 0), (0, pad)))
-    return k, v, kv_mask, nb
 
+    def blocks(x, axis):  # split ``axis`` into nb blocks, block index first
+        x = x.reshape(*x.shape[:axis], nb, block, *x.shape[axis + 1 :])
+        return jnp.moveaxis(x, axis, 0)
 
-def _blocks(x, nb, axis):
-    """Splits ``axis`` into ``nb`` blocks and moves the block index to the front."""
-    shape = x.shape
-    x = x.reshape(*shape[:axis], nb, shape[axis] // nb, *shape[axis + 1 :])
-    return jnp.moveaxis(x, axis, 0)
+    slots = jnp.arange(nb * block, dtype=jnp.int32).reshape(nb, block)
+    return (blocks(k, 2), blocks(v, 2), blocks(kv_mask, 1), slots), nb
 
 
 def _block_scores(qg, kb, q_slots, mask_b, slots_b, g, scale, c):
@@ -171,18 +180,12 @@ def _block_scores(qg, kb, q_slots, mask_b, slots_b, g, scale, c):
 def _chunked_forward(qg, k, v, q_slots, kv_mask, g, block):
     """``(out [B, K, G*S, H] float32, (m, denom))`` by an online softmax over key blocks.
 
-    ``m`` is each row's running maximum score and ``l`` its softmax
-    denominator at ``m``; the backward recomputes ``p = exp(s - m) / l``.
+    ``m`` is each row's running maximum score and ``denom`` its softmax
+    denominator at ``m``; the backward recomputes ``p = exp(s - m) / denom``.
     """
     h, c = qg.shape[-1], k.shape[2]
     scale = 1.0 / math.sqrt(h)
-    k, v, kv_mask, nb = _pad_keys(k, v, kv_mask, block)
-    xs = (
-        _blocks(k, nb, 2),
-        _blocks(v, nb, 2),
-        _blocks(kv_mask, nb, 1),
-        jnp.arange(nb * block, dtype=jnp.int32).reshape(nb, block),
-    )
+    xs, _ = _key_blocks(k, v, kv_mask, block)
     rows = qg.shape[:3]
 
     def body(carry, x):
@@ -223,15 +226,9 @@ def _chunked_core_bwd(g, block, res, d_out):
     h = qg.shape[-1]
     c = k.shape[2]
     scale = 1.0 / math.sqrt(h)
-    k_p, v_p, mask_p, nb = _pad_keys(k, v, kv_mask, block)
+    xs, nb = _key_blocks(k, v, kv_mask, block)
     d_out = d_out.astype(jnp.float32)
     delta = jnp.sum(d_out * out, axis=-1)  # [B, K, G*S]
-    xs = (
-        _blocks(k_p, nb, 2),
-        _blocks(v_p, nb, 2),
-        _blocks(mask_p, nb, 1),
-        jnp.arange(nb * block, dtype=jnp.int32).reshape(nb, block),
-    )
 
     def body(dq, x):
         kb, vb, mask_b, slots_b = x

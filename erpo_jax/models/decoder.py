@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Shaped
 
-from erpo_jax.models.attention import ATTENTION_IMPLS, attention
+from erpo_jax.models.attention import attention, check_attention_impl
 from erpo_jax.models.config import ModelConfig
 from erpo_jax.models.kv_cache import KVCache, init_kv_cache
 from erpo_jax.typing import Array, Float, Int
@@ -274,10 +274,7 @@ class Decoder(nnx.Module):
         attention_block: int = 512,
         rngs: nnx.Rngs,
     ):
-        if attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(
-                f"attention_impl={attention_impl!r} is not one of {', '.join(ATTENTION_IMPLS)}"
-            )
+        check_attention_impl(attention_impl)
         if attention_block < 1:
             raise ValueError(f"attention_block={attention_block} must be >= 1")
         self.config = config

@@ -20,6 +20,7 @@ import os
 from typing import Any, Optional
 
 from erpo_jax.models.attention import ATTENTION_IMPLS
+from erpo_jax.models.decoder import COMPUTE_DTYPES
 
 __all__ = [
     "LOSS_NAMES",
@@ -52,7 +53,6 @@ LOSS_NAMES: tuple[str, ...] = (
 """``loss.name`` values."""
 
 _AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
-_DTYPES = ("float32", "bfloat16", "float16")
 
 
 class ConfigError(ValueError):
@@ -107,7 +107,7 @@ class ModelSpec:
     attention_block: int = 512
 
     def __post_init__(self):
-        _choice("model.dtype", self.dtype, _DTYPES)
+        _choice("model.dtype", self.dtype, COMPUTE_DTYPES)
         _choice("model.attention_impl", self.attention_impl, ATTENTION_IMPLS)
         _positive("model.attention_block", self.attention_block)
         if self.lora_rank < 0:

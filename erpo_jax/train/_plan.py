@@ -54,7 +54,6 @@ __all__ = [
 GIB = float(1 << 30)
 _CHILD_ENV = "ERPO_JAX_PLAN_CHILD"
 _AXES = ("data", "fsdp", "tensor")
-_DTYPES = ("float32", "bfloat16", "float16")
 _GROUP_SIZE = 8
 _TOTAL_STEPS = 100  # only HolderPO's p schedule reads it; memory does not depend on it
 
@@ -138,7 +137,7 @@ def _positive(flag: str, value: Any) -> int:
 
 def _request(args: argparse.Namespace) -> _Request:
     """The command line checked flag by flag (nothing compiled yet)."""
-    from erpo_jax.models import PRESETS
+    from erpo_jax.models import COMPUTE_DTYPES, PRESETS
     from erpo_jax.train._config import LOSS_NAMES
 
     if args.model not in PRESETS:
@@ -156,8 +155,8 @@ def _request(args: argparse.Namespace) -> _Request:
         raise PlanError(f"--device-gib {args.device_gib!r}: must be > 0")
     if args.loss not in LOSS_NAMES:
         raise PlanError(f"--loss {args.loss!r}: choose one of {', '.join(LOSS_NAMES)}")
-    if args.dtype not in _DTYPES:
-        raise PlanError(f"--dtype {args.dtype!r}: choose one of {', '.join(_DTYPES)}")
+    if args.dtype not in COMPUTE_DTYPES:
+        raise PlanError(f"--dtype {args.dtype!r}: choose one of {', '.join(COMPUTE_DTYPES)}")
     if not isinstance(args.lora_rank, int) or args.lora_rank < 0:
         raise PlanError(
             f"--lora-rank {args.lora_rank!r}: must be an int >= 0 (0: full fine-tuning)"
