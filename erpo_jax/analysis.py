@@ -124,7 +124,9 @@ def load_runs(pattern: str | Iterable[str | Path], *, finished_only: bool = Fals
     return sorted(runs, key=lambda r: r.seed)
 
 
-def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
+def t_interval(
+    values: Sequence[float] | np.ndarray, confidence: float = 0.95
+) -> tuple[float, float, float]:
     """``(mean, low, high)``: the Student-t interval of the mean over independent replicates.
 
     One value gives ``(value, nan, nan)``: no interval from a single seed.
