@@ -210,6 +210,8 @@ def _run_eval(args: argparse.Namespace) -> int:
         ("--max-new-tokens", args.max_new_tokens,
          args.max_new_tokens is None or args.max_new_tokens >= 1, ">= 1"),
         ("--batch-size", args.batch_size, args.batch_size >= 1, ">= 1"),
+        ("--max-prompt-tokens", args.max_prompt_tokens,
+         args.max_prompt_tokens is None or args.max_prompt_tokens >= 1, ">= 1"),
     ]  # fmt: skip
     for flag, value, ok, allowed in checks:
         if not ok:
@@ -272,6 +274,8 @@ def _run_eval(args: argparse.Namespace) -> int:
             template=args.template,
             think=args.think,
             progress=not args.no_progress,
+            max_prompt_tokens=args.max_prompt_tokens,
+            samples_path=out / "samples.jsonl",  # written as it goes
         )
     except ValueError as err:  # e.g. prompts that do not fit the context
         raise _UsageError(str(err)) from None
@@ -370,6 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
         "1024 for math)",
     )
     p.add_argument("--batch-size", type=int, default=64, help="prompts per sampler call")
+    p.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=None,
+        help="skip (and count) longer prompts (default: the model's context minus the budget)",
+    )
     p.add_argument("--seed", type=int, default=0, help="problem generation and sampling seed")
     p.add_argument("--out", default=None, help="output directory (default: runs/eval-<time>)")
     p.add_argument("--data-dir", default="runs/toy_models", help="cache root of the toy base model")

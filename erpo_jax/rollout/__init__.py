@@ -22,12 +22,15 @@ from erpo_jax.rollout._evaluate import (
     resolve_task,
 )
 from erpo_jax.rollout._generate import (
+    LongPromptWarning,
     Rollout,
     SamplingOptions,
     decode,
     encode_prompts,
     generate,
     problem_keys,
+    prompt_budget,
+    split_long_prompts,
 )
 from erpo_jax.rollout._rewards import RewardPool, RewardScores, RewardTimeoutWarning
 
@@ -35,6 +38,7 @@ __all__ = [
     "EVAL_TASKS",
     "EvalResult",
     "EvalSample",
+    "LongPromptWarning",
     "RewardPool",
     "RewardScores",
     "RewardTimeoutWarning",
@@ -46,5 +50,7 @@ __all__ = [
     "evaluate",
     "generate",
     "problem_keys",
+    "prompt_budget",
     "resolve_task",
+    "split_long_prompts",
 ]

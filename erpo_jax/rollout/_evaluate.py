@@ -31,6 +31,7 @@ import dataclasses
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -38,7 +39,14 @@ from typing import Any, Literal
 import jax
 import numpy as np
 
-from erpo_jax.rollout._generate import SamplingOptions, generate, problem_keys
+from erpo_jax.rollout._generate import (
+    LongPromptWarning,
+    SamplingOptions,
+    generate,
+    problem_keys,
+    prompt_budget,
+    split_long_prompts,
+)
 from erpo_jax.rollout._rewards import RewardPool
 from erpo_jax.tasks import (
     TASKS,
@@ -231,6 +239,8 @@ def evaluate(
     think: bool = False,
     progress: bool = True,
     use_lora: bool = True,
+    max_prompt_tokens: int | None = None,
+    samples_path: str | Path | None = None,
 ) -> EvalResult:
     """Sample, score and summarize a policy on a list of problems.
 
@@ -256,10 +266,18 @@ def evaluate(
       template, think: math prompt options (used when ``task`` is a name).
       progress: tqdm progress bar on stderr.
       use_lora: sample with the LoRA adapters applied.
+      max_prompt_tokens: skip (with a :class:`LongPromptWarning`, counted in
+        ``summary["skipped_long_prompts"]``) problems whose prompt is longer;
+        None: the model's ``max_position_embeddings`` minus ``max_new_tokens``.
+      samples_path: append each scored completion to this JSONL file as soon
+        as its batch is scored, so an interrupted evaluation leaves its partial
+        results (the file is started afresh; :meth:`EvalResult.write` later
+        rewrites it in order).
 
     Returns:
       :class:`EvalResult`. ``summary["verifier"]`` counts scored samples,
-      timeouts and errors of the reward.
+      timeouts and errors of the reward. ``problem_index`` is the position in
+      ``problems`` (skipped problems keep their numbers out of the records).
 
     Raises:
       ValueError: a bad argument, named in the message.
@@ -284,6 +302,25 @@ def evaluate(
         raise ValueError(f"evaluate: temperature must be a finite number >= 0, got {temperature!r}")
     key = as_key(key)
     config = model.config if not isinstance(model, tuple) else nnx.merge(*model).config
+    if max_prompt_tokens is not None:
+        _check_int("max_prompt_tokens", max_prompt_tokens, 1)
+    budget = prompt_budget(config.max_position_embeddings, max_new_tokens, max_prompt_tokens)
+    kept, skipped = split_long_prompts(the_task, tokenizer, items, budget)
+    if not kept:
+        raise ValueError(
+            f"evaluate: every one of the {len(items)} prompts is longer than the prompt budget "
+            f"of {budget} tokens (max_prompt_tokens, or max_position_embeddings="
+            f"{config.max_position_embeddings} minus max_new_tokens={max_new_tokens})"
+        )
+    if skipped:
+        warnings.warn(
+            f"evaluate: skipped {len(skipped)} of {len(items)} problems whose prompt is longer "
+            f"than {budget} tokens (problems {skipped[:8]}{' ...' if len(skipped) > 8 else ''})",
+            LongPromptWarning,
+            stacklevel=2,
+        )
+    items = [items[i] for i in kept]
+    batch_size = min(batch_size, len(items))
     if eos_ids is None:
         eos_ids = tuple(config.eos_token_ids)
     if pad_id is None:
@@ -308,6 +345,10 @@ def evaluate(
     records: list[EvalSample] = []
     counts = {"num_scored": 0, "num_timeouts": 0, "num_errors": 0}
     sampling_s = scoring_s = 0.0
+    stream = None
+    if samples_path is not None:
+        Path(samples_path).parent.mkdir(parents=True, exist_ok=True)
+        stream = open(samples_path, "w", encoding="utf-8")
     bar = tqdm(
         total=len(items) * len(phases),
         desc=f"eval {the_task.name}",
@@ -329,7 +370,7 @@ def evaluate(
                     tokenizer,
                     the_task,
                     [items[i] for i in idx],
-                    problem_keys(key, idx),
+                    problem_keys(key, [kept[i] for i in idx]),
                     group_size=group,
                     options=sampling,
                     eos_ids=eos_ids,
@@ -346,13 +387,14 @@ def evaluate(
                 counts["num_scored"] += rows
                 counts["num_timeouts"] += scores.timeouts
                 counts["num_errors"] += scores.errors
+                batch_records = []
                 for r in range(rows):
                     length = int(rollout.lengths[r])
                     answer, _ = the_task.answer(rollout.texts[r])
                     ent = float(np.sum(np.where(mask[r], entropy[r], 0.0)))
-                    records.append(
+                    batch_records.append(
                         EvalSample(
-                            problem_index=first + r // group,
+                            problem_index=kept[first + r // group],
                             kind=kind,  # type: ignore[arg-type]
                             sample_index=r % group,
                             prompt=rollout.prompts[r // group],
@@ -366,11 +408,18 @@ def evaluate(
                             truncated=bool(rollout.truncated[r]),
                         )
                     )
+                records.extend(batch_records)
+                if stream is not None:
+                    for record in batch_records:
+                        stream.write(json.dumps(record.to_json(), ensure_ascii=False) + "\n")
+                    stream.flush()
                 so_far.extend(scores.rewards[:rows].tolist())
                 bar.set_postfix(phase=kind, reward=f"{np.mean(so_far):.3f}")
                 bar.update(real)
     finally:
         bar.close()
+        if stream is not None:
+            stream.close()
         if own_pool:
             reward_pool.close()
 
@@ -381,6 +430,8 @@ def evaluate(
     summary: dict[str, Any] = {
         "task": the_task.name,
         "num_problems": len(items),
+        "skipped_long_prompts": len(skipped),
+        "max_prompt_tokens": budget,
         "num_samples": n,
         "temperature": float(temperature),
         "top_p": top_p,

@@ -23,7 +23,21 @@ from erpo_jax.sampling import bucket_length, sample
 from erpo_jax.tasks import Task
 from erpo_jax.typing import Array
 
-__all__ = ["Rollout", "SamplingOptions", "decode", "encode_prompts", "generate", "problem_keys"]
+__all__ = [
+    "LongPromptWarning",
+    "Rollout",
+    "SamplingOptions",
+    "decode",
+    "encode_prompts",
+    "generate",
+    "problem_keys",
+    "prompt_budget",
+    "split_long_prompts",
+]
+
+
+class LongPromptWarning(UserWarning):
+    """Prompts longer than the prompt budget were skipped (and counted)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +144,39 @@ def encode_prompts(
         tokens[i, width - len(row) :] = row
         mask[i, width - len(row) :] = True
     return tokens, mask, texts
+
+
+def prompt_budget(max_position_embeddings: int, max_new_tokens: int, limit: int | None) -> int:
+    """The longest prompt (tokens) a rollout accepts.
+
+    ``limit`` when given, else the model's context minus the completion budget,
+    so that prompt plus completion fit the positions the model was trained for.
+
+    Raises:
+      ValueError: nothing fits (``max_new_tokens`` alone fills the context).
+    """
+    room = max_position_embeddings - max_new_tokens
+    budget = room if limit is None else min(limit, room)
+    if budget < 1:
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
+            f"max_position_embeddings={max_position_embeddings}"
+        )
+    return budget
+
+
+def split_long_prompts(
+    task: Task, tokenizer: Any, problems: Sequence[Any], max_tokens: int
+) -> tuple[list[int], list[int]]:
+    """``(kept, skipped)`` indices of ``problems`` by whether the prompt fits ``max_tokens``.
+
+    A prompt that encodes to no tokens is skipped too (it cannot be sampled).
+    """
+    texts = [task.prompt(p, tokenizer) for p in problems]
+    ids = _encode(tokenizer, texts, add_special_tokens=task.add_special_tokens(tokenizer))
+    kept = [i for i, row in enumerate(ids) if 0 < len(row) <= max_tokens]
+    skipped = [i for i, row in enumerate(ids) if not 0 < len(row) <= max_tokens]
+    return kept, skipped
 
 
 def problem_keys(key: Any, indices: Sequence[int] | np.ndarray) -> Array:

@@ -182,6 +182,9 @@ class RolloutConfig:
       reft_top_n, reft_k: REFT's N and K (``group_size % reft_k == 0``).
       reft_marker: text whose tokens are forced before the REFT opener (e.g. ``<think>``).
       stop_strings: strings that end a completion, besides EOS ids.
+      max_prompt_tokens: prompts longer than this are skipped (with a warning,
+        counted in ``skipped_long_prompts``) and replaced by the next ones from
+        the data stream; null: the model's context minus ``max_new_tokens``.
       dynamic_sampling: DAPO dynamic sampling: drop groups whose rewards are
         all equal and sample more prompts until the batch is full.
       max_sampling_tries: rollouts per step at most under dynamic sampling;
@@ -202,6 +205,7 @@ class RolloutConfig:
     reft_k: int = 4
     reft_marker: Optional[str] = None  # noqa: UP045
     stop_strings: tuple[str, ...] = ()
+    max_prompt_tokens: Optional[int] = None  # noqa: UP045
     dynamic_sampling: bool = False
     max_sampling_tries: int = 4
     reward_timeout_s: float = 10.0
@@ -231,6 +235,8 @@ class RolloutConfig:
             if self.reft_top_n < self.reft_k:
                 _fail("rollout.reft_top_n", self.reft_top_n, f"must be >= reft_k={self.reft_k}")
         _positive("rollout.max_sampling_tries", self.max_sampling_tries)
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            _fail("rollout.max_prompt_tokens", self.max_prompt_tokens, "must be null or >= 1")
         if not self.reward_timeout_s > 0:
             _fail("rollout.reward_timeout_s", self.reward_timeout_s, "must be > 0")
         if self.reward_workers < 0:

@@ -24,6 +24,7 @@ import functools
 import json
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,7 @@ _EVAL_KEYS = (
     "mean_token_entropy",
     "truncated_frac",
     "no_answer_frac",
+    "skipped_long_prompts",
 )
 _EVAL_SEED_OFFSET = 1_000_003  # eval keys are disjoint from training keys
 
@@ -86,6 +88,7 @@ class _Run:
     stream: Any
     eval_problems: list[Any]
     reft_marker: tuple[int, ...]
+    prompt_budget: int = 0  # the longest prompt (tokens) a rollout accepts
     trainable0: Any = None  # the initial trainable parameters (placed)
     keep_fn: Any = None  # the jitted 80/20 keep-mask, built on first use
 
@@ -130,7 +133,7 @@ def _build(cfg: RunConfig, out: Path, log: Callable[[str], None]) -> _Run:
     from flax import nnx
 
     from erpo_jax.models import add_lora, load_hf_checkpoint, load_tokenizer, resolve_eos_ids
-    from erpo_jax.rollout import RewardPool
+    from erpo_jax.rollout import RewardPool, prompt_budget
     from erpo_jax.tasks import make_task
     from erpo_jax.train._data import PromptStream, load_prompt_source
     from erpo_jax.train._losses import make_loss_fn
@@ -236,6 +239,11 @@ def _build(cfg: RunConfig, out: Path, log: Callable[[str], None]) -> _Run:
         marker,
     )
     run.trainable0 = trainable
+    run.prompt_budget = prompt_budget(
+        model_config.max_position_embeddings,
+        cfg.rollout.max_new_tokens,
+        cfg.rollout.max_prompt_tokens,
+    )
     return run
 
 
@@ -266,6 +274,46 @@ def _left_pad_to(a: np.ndarray, width: int, fill: Any) -> np.ndarray:
     return np.concatenate([pad, a], axis=1)
 
 
+_MAX_REFILLS = 32  # batches drawn at most to replace prompts that are too long
+
+
+def _next_prompts(run: _Run, p: int) -> tuple[list[Any], int]:
+    """``p`` prompts from the stream that fit the prompt budget, and how many were skipped.
+
+    Too-long prompts are skipped with a :class:`LongPromptWarning` and replaced
+    by the next ones (the rest of the batch that supplied the last replacement
+    is not used).
+
+    Raises:
+      ValueError: ``_MAX_REFILLS`` batches in a row held too few prompts that fit.
+    """
+    from erpo_jax.rollout import LongPromptWarning, split_long_prompts
+
+    problems: list[Any] = []
+    skipped = 0
+    for _ in range(_MAX_REFILLS):
+        batch = run.stream.next_batch()
+        fit, long = split_long_prompts(run.task, run.tokenizer, batch, run.prompt_budget)
+        problems.extend(batch[i] for i in fit)
+        skipped += len(long)
+        if len(problems) >= p:
+            break
+    else:
+        raise ValueError(
+            f"rollout: {_MAX_REFILLS} batches of prompts gave only {len(problems)} of the "
+            f"{p} prompts that fit rollout.max_prompt_tokens={run.prompt_budget} tokens "
+            f"({skipped} skipped); raise it (or model context) or filter the data"
+        )
+    if skipped:
+        warnings.warn(
+            f"rollout: skipped {skipped} prompt(s) longer than {run.prompt_budget} tokens "
+            "(rollout.max_prompt_tokens); counted in skipped_long_prompts",
+            LongPromptWarning,
+            stacklevel=2,
+        )
+    return problems[:p], skipped
+
+
 def _collect(run: _Run, params: Any, step: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Rollout + rewards (+ DAPO dynamic sampling): the host batch and its statistics."""
     from erpo_jax.rollout import generate, problem_keys
@@ -282,11 +330,13 @@ def _collect(run: _Run, params: Any, step: int) -> tuple[dict[str, np.ndarray], 
         "verifier_timeouts": 0,
         "verifier_errors": 0,
         "sampling_tries": 0,
+        "skipped_long_prompts": 0,
     }
     all_rewards, all_lengths, all_trunc = [], [], []
     tries = cfg.rollout.max_sampling_tries if cfg.rollout.dynamic_sampling else 1
     for attempt in range(tries):
-        problems = run.stream.next_batch()
+        problems, skipped = _next_prompts(run, p)
+        stats["skipped_long_prompts"] += skipped
         t0 = time.perf_counter()
         keys = problem_keys(
             jax.random.fold_in(step_key, attempt), np.arange(p) + jax.process_index() * p
@@ -464,6 +514,7 @@ def _evaluate(run: _Run, params: Any) -> dict[str, Any]:
         eos_ids=run.eos_ids,
         pad_id=run.pad_id,
         progress=False,
+        max_prompt_tokens=run.prompt_budget,
     )
     return {k: result.summary.get(k) for k in _EVAL_KEYS}
 

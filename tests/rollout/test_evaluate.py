@@ -35,6 +35,7 @@ from erpo_jax.tasks import (
     countdown_reward,
     generate_countdown,
     load_math_file,
+    make_task,
 )
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -331,3 +332,76 @@ def test_cli_default_toy_model(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["task"] == "countdown" and summary["num_problems"] == 32
     assert 0.0 < summary["pass_at_k"]["8"] <= 1.0
+
+
+# ------------------------------------------------------------------ long prompts, partial results
+
+
+def _prompt_lengths(tokenizer, problems):
+    from erpo_jax.rollout import encode_prompts
+
+    task = make_task("countdown")
+    return [
+        int(encode_prompts(task, tokenizer, [p], pad_id=0, bucket=False)[1].sum()) for p in problems
+    ]
+
+
+def test_long_prompts_are_skipped_counted_and_keep_their_numbers(loaded):
+    from erpo_jax.rollout import LongPromptWarning
+
+    _model, tokenizer = loaded
+    problems = [
+        CountdownProblem((3, 4), 7),
+        CountdownProblem((11, 22, 33, 44, 55, 66, 77, 88), 1234),  # a much longer prompt
+        CountdownProblem((5, 6), 11),
+    ]
+    from erpo_jax.rollout import split_long_prompts
+
+    lengths = _prompt_lengths(tokenizer, problems)
+    budget = max(lengths[0], lengths[2])
+    assert lengths[1] > budget
+
+    assert split_long_prompts(make_task("countdown"), tokenizer, problems, budget) == ([0, 2], [1])
+    with pytest.warns(LongPromptWarning, match=r"skipped 1 of 3 problems .* \[1\]"):
+        result = _run(loaded, problems, max_prompt_tokens=budget)
+    assert result.summary["skipped_long_prompts"] == 1
+    assert result.summary["num_problems"] == 2 and result.summary["max_prompt_tokens"] == budget
+    assert sorted({r.problem_index for r in result.samples}) == [0, 2]
+    # A problem's completions depend on its own index, not on which others were skipped.
+    full = _run(loaded, problems)
+    assert full.summary["skipped_long_prompts"] == 0
+    for index in (0, 2):
+        assert [r.completion for r in result.samples if r.problem_index == index] == [
+            r.completion for r in full.samples if r.problem_index == index
+        ]
+    with pytest.raises(ValueError, match=r"every one of the 3 prompts is longer than .* 3 tokens"):
+        _run(loaded, problems, max_prompt_tokens=3)
+    with pytest.raises(ValueError, match="max_prompt_tokens must be an int >= 1"):
+        _run(loaded, problems, max_prompt_tokens=0)
+    # The default budget is the context minus the completion budget (512 - 12 here).
+    assert full.summary["max_prompt_tokens"] == 512 - T
+
+
+def test_samples_are_written_as_they_are_scored(loaded, tmp_path):
+    """An evaluation interrupted after its first batch leaves that batch's records on disk."""
+    problems = generate_countdown(4, seed=3, split="test", level="easy")
+    calls = []
+    reward = make_task("countdown").reward
+
+    def reward_then_interrupt(completion, problem):
+        calls.append(problem)
+        if len(calls) > BATCH:  # the second batch of greedy completions
+            raise KeyboardInterrupt
+        return reward(completion, problem)
+
+    path = tmp_path / "partial" / "samples.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        _run(loaded, problems, reward_fn=reward_then_interrupt, samples_path=path)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["problem_index"], r["kind"]) for r in rows] == [(0, "greedy"), (1, "greedy")]
+    # An evaluation that finishes streams every record, the same ones it returns.
+    result = _run(loaded, problems, samples_path=path)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert sorted(json.dumps(r, sort_keys=True) for r in rows) == sorted(
+        json.dumps(r.to_json(), sort_keys=True) for r in result.samples
+    )

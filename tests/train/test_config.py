@@ -40,6 +40,7 @@ def test_yaml_then_overrides(tmp_path):
         (["loss.name=arca"], r"loss.name=arca needs LoRA.*model.lora_rank"),
         (["rollout.reft=true", "rollout.group_size=6"], r"rollout.reft_k=4.*divide.*group_size=6"),
         (["rollout.group_size=1"], r"rollout.group_size=1.*>= 2"),
+        (["rollout.max_prompt_tokens=0"], r"rollout.max_prompt_tokens=0.*null or >= 1"),
         (["train.micro_batches=3"], r"train.micro_batches=3.*divide the 16 groups"),
         (["model.dtype=int8"], r"model.dtype='int8'.*float32, bfloat16, float16"),
         (["data.source=file"], r"data.path=None.*needs a file"),

@@ -301,3 +301,40 @@ def test_bad_stream_arguments_name_the_argument(kw, message):
 def test_empty_source_stream_is_an_error():
     with pytest.raises(ValueError, match="source is empty"):
         make(())
+
+
+def test_long_prompts_are_replaced_from_the_stream_and_counted(tmp_path):
+    """The trainer skips prompts over rollout.max_prompt_tokens, warns, counts them,
+    and fills the batch with the next prompts of the stream."""
+    from types import SimpleNamespace
+
+    from erpo_jax.models import load_tokenizer
+    from erpo_jax.rollout import LongPromptWarning
+    from erpo_jax.tasks import build_countdown_tokenizer, make_task
+    from erpo_jax.train._loop import _next_prompts
+
+    tokenizer = load_tokenizer(build_countdown_tokenizer(tmp_path))
+    task = make_task("countdown")
+    short = [CountdownProblem((1, 2), 3 + i) for i in range(6)]
+    long = CountdownProblem(tuple(range(10, 30)), 999)
+    length = {p: len(tokenizer(task.prompt(p, tokenizer))["input_ids"]) for p in (short[0], long)}
+    assert length[long] > length[short[0]] + 5
+    budget = length[short[0]] + 2  # every short prompt fits (targets 3..8: same length)
+    # batches of 2: [s0, L], [s1, L], [s2, s3], ...
+    rows = [short[0], long, short[1], long, short[2], short[3], short[4], short[5]]
+    stream = PromptStream(rows, batch_size=2, seed=0, shuffle=False)
+    run = SimpleNamespace(stream=stream, task=task, tokenizer=tokenizer, prompt_budget=budget)
+    with pytest.warns(LongPromptWarning, match=r"skipped 2 prompt\(s\) longer than"):
+        problems, skipped = _next_prompts(run, 2)
+    assert problems == [short[0], short[1]] and skipped == 2
+    problems, skipped = _next_prompts(run, 2)
+    assert problems == [short[2], short[3]] and skipped == 0
+    # nothing fits: a clear error naming the key, not an endless loop
+    run = SimpleNamespace(
+        stream=PromptStream([long] * 4, batch_size=2, seed=0, shuffle=False),
+        task=task,
+        tokenizer=tokenizer,
+        prompt_budget=budget,
+    )
+    with pytest.raises(ValueError, match=r"gave only 0 of the 2 prompts .*max_prompt_tokens"):
+        _next_prompts(run, 2)

@@ -74,6 +74,7 @@ REQUIRED = (
     "step",
     "loss",
     "reward_mean",
+    "skipped_long_prompts",
     "reward_std",
     "zero_std_group_frac",
     "response_length_mean",
