@@ -296,7 +296,10 @@ def _train(args: argparse.Namespace) -> int:
     from erpo_jax.train import ConfigError, load_config, train
 
     try:
-        config = load_config(args.config, args.overrides)
+        overrides = list(args.overrides)
+        if args.dtype is not None:
+            overrides.append(f"model.dtype={args.dtype}")
+        config = load_config(args.config, overrides)
         train(config, out=args.out, resume=args.resume)
     except (ConfigError, FileNotFoundError) as err:
         print(f"erpo-jax train: {err}", file=sys.stderr)
@@ -415,6 +418,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="run directory (default: runs/train-<time>)")
     p.add_argument(
         "--resume", action="store_true", help="continue from the latest checkpoint in --out"
+    )
+    p.add_argument(
+        "--dtype",
+        default=None,
+        help="compute dtype: float32, bfloat16 or float16 (same as model.dtype=...; "
+        "parameters stay float32)",
     )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     p.set_defaults(fn=_train)

@@ -92,3 +92,7 @@ def test_cli_rejects_bad_config_with_exit_2(capsys, tmp_path):
     assert not (tmp_path / "r").exists()  # rejected before anything was written
     assert main(["train", "--out", str(tmp_path / "r"), "--resume"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    # --dtype is model.dtype: checked against the allowed compute dtypes
+    assert main(["train", "--out", str(tmp_path / "r"), "--dtype", "int8"]) == 2
+    assert "model.dtype='int8'" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
