@@ -46,7 +46,9 @@ def measure(args: Any, loss_name: str, common: dict[str, Any]) -> dict[str, Any]
     graphdef, trainable, frozen = split_policy(model, lora=False)
     # Placed as the trainer places them (one device here): one compilation.
     mesh = make_mesh(MeshConfig())
-    trainable, frozen = place_params(trainable, mesh), place_params(frozen, mesh)
+    hd = model.config.head_dim
+    trainable = place_params(trainable, mesh, head_dim=hd)
+    frozen = place_params(frozen, mesh, head_dim=hd)
     ref = jax.tree.map(jnp.copy, trainable) if cfg.needs_reference else None
     steps = args.warmup + args.steps
     tx, schedule = make_optimizer(OptimizerConfig(learning_rate=1e-6), steps, trainable)

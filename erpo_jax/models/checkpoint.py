@@ -78,8 +78,12 @@ def _tensors(config: ModelConfig) -> list[_Tensor]:
     return out
 
 
+_HEAD_SIDE = {"q_proj": -1, "k_proj": -1, "v_proj": -1, "o_proj": -2}
+"""The axis of each attention projection that holds ``heads * head_dim``."""
+
+
 def param_partition_spec(
-    path: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh
+    path: tuple[str, ...], shape: tuple[int, ...], mesh: Any, *, head_dim: int | None = None
 ) -> PartitionSpec:
     """Sharding of one parameter on a mesh with (some of) the axes ``fsdp`` and ``tensor``.
 
@@ -87,6 +91,14 @@ def param_partition_spec(
     (heads, MLP width, vocab) over ``tensor``; the layer axis, norms and
     biases are replicated. An axis the mesh lacks, or that does not divide
     the dimension, is dropped.
+
+    With ``head_dim``, the heads axis of ``q/k/v_proj`` (output side) and
+    ``o_proj`` (input side) is split over ``tensor`` only in whole heads: when
+    the number of heads (e.g. ``num_kv_heads`` for ``k/v_proj``) does not
+    divide by the tensor axis, that projection is replicated over ``tensor``
+    rather than cut through ``head_dim``.
+
+    ``mesh`` is a ``Mesh`` or an ``AbstractMesh`` (only axis names and sizes are read).
     """
     name = path[-1]
     if name == "embed":
@@ -99,10 +111,14 @@ def param_partition_spec(
         axes = (None, "fsdp", "tensor")
     else:
         axes = (None,) * len(shape)
-    sizes = dict(zip(mesh.axis_names, mesh.devices.shape, strict=True))
+    sizes = dict(mesh.shape)
+    units = list(shape)  # what a split must divide: the dimension, or its heads
+    if head_dim and name in _HEAD_SIDE and len(shape) >= 2:
+        side = _HEAD_SIDE[name] % len(shape)
+        units[side] = shape[side] // head_dim if shape[side] % head_dim == 0 else 1
     axes = tuple(
-        a if a in sizes and dim % sizes[a] == 0 else None
-        for a, dim in zip(axes, shape, strict=True)
+        a if a in sizes and unit % sizes[a] == 0 else None
+        for a, unit in zip(axes, units, strict=True)
     )
     return PartitionSpec(*axes)
 

@@ -184,7 +184,9 @@ def _build(cfg: RunConfig, out: Path, log: Callable[[str], None]) -> _Run:
             model, rank=cfg.model.lora_rank, alpha=cfg.model.lora_alpha, rngs=nnx.Rngs(cfg.seed)
         )
     graphdef, trainable, frozen = split_policy(model, lora=lora)
-    trainable, frozen = place_params(trainable, mesh), place_params(frozen, mesh)
+    hd = model_config.head_dim
+    trainable = place_params(trainable, mesh, head_dim=hd)
+    frozen = place_params(frozen, mesh, head_dim=hd)
     ref = None
     if cfg.loss.needs_reference:
         # LoRA: the reference is the base model, i.e. the same state with the

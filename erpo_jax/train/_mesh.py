@@ -40,18 +40,23 @@ def _names(path: tuple[Any, ...]) -> tuple[str, ...]:
     return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
 
 
-def param_sharding(tree: Any, mesh: Mesh) -> Any:
-    """A ``NamedSharding`` per leaf of a parameter pytree (nnx.State or dict)."""
+def param_sharding(tree: Any, mesh: Mesh, *, head_dim: int | None = None) -> Any:
+    """A ``NamedSharding`` per leaf of a parameter pytree (nnx.State or dict).
+
+    ``head_dim`` (the model's) keeps tensor-parallel splits of the attention
+    projections to whole heads (see ``param_partition_spec``).
+    """
 
     def one(path, leaf):
-        return NamedSharding(mesh, param_partition_spec(_names(path), np.shape(leaf), mesh))
+        spec = param_partition_spec(_names(path), np.shape(leaf), mesh, head_dim=head_dim)
+        return NamedSharding(mesh, spec)
 
     return jax.tree_util.tree_map_with_path(one, tree)
 
 
-def place_params(tree: Any, mesh: Mesh) -> Any:
-    """``tree`` placed on ``mesh`` by the parameter rules."""
-    return jax.device_put(tree, param_sharding(tree, mesh))
+def place_params(tree: Any, mesh: Mesh, *, head_dim: int | None = None) -> Any:
+    """``tree`` placed on ``mesh`` by the parameter rules (whole heads with ``head_dim``)."""
+    return jax.device_put(tree, param_sharding(tree, mesh, head_dim=head_dim))
 
 
 def place_state(state: Any, mesh: Mesh) -> Any:

@@ -188,7 +188,7 @@ def _request(args: argparse.Namespace) -> _Request:
 # ------------------------------------------------------------------ sharding
 
 
-def _param_shardings(tree: Any, mesh: Any) -> Any:
+def _param_shardings(tree: Any, mesh: Any, head_dim: int) -> Any:
     """A ``NamedSharding`` per leaf by ``erpo_jax.models.param_partition_spec``.
 
     The rule reads a parameter's name from the last key of its path. In an
@@ -205,7 +205,8 @@ def _param_shardings(tree: Any, mesh: Any) -> Any:
         names = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
         if len(names) > 1 and names[-1] == "value":
             names = names[:-1]
-        return NamedSharding(mesh, param_partition_spec(names, np.shape(leaf), mesh))
+        spec = param_partition_spec(names, np.shape(leaf), mesh, head_dim=head_dim)
+        return NamedSharding(mesh, spec)
 
     return jax.tree_util.tree_map_with_path(one, tree)
 
@@ -339,11 +340,11 @@ def plan_memory(
         return model
 
     graphdef, trainable, frozen = split_policy(nnx.eval_shape(build), lora=lora)
-    trainable = _placed(trainable, _param_shardings(trainable, mesh))
-    frozen = _placed(frozen, _param_shardings(frozen, mesh))
+    trainable = _placed(trainable, _param_shardings(trainable, mesh, config.head_dim))
+    frozen = _placed(frozen, _param_shardings(frozen, mesh, config.head_dim))
     tx, schedule = make_optimizer(OptimizerConfig(), _TOTAL_STEPS, trainable)
     opt_shapes = jax.eval_shape(tx.init, trainable)
-    opt_state = _placed(opt_shapes, _param_shardings(opt_shapes, mesh))
+    opt_state = _placed(opt_shapes, _param_shardings(opt_shapes, mesh, config.head_dim))
     state = {
         "params": trainable,
         "opt_state": opt_state,

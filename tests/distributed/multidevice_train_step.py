@@ -70,7 +70,9 @@ def one_step(mesh_cfg: MeshConfig, devices):
     mesh = make_mesh(mesh_cfg, devices)
     model = Decoder(CONFIG, rngs=nnx.Rngs(0))
     graphdef, trainable, frozen = split_policy(model, lora=False)
-    trainable, frozen = place_params(trainable, mesh), place_params(frozen, mesh)
+    hd = CONFIG.head_dim
+    trainable = place_params(trainable, mesh, head_dim=hd)
+    frozen = place_params(frozen, mesh, head_dim=hd)
     ref = jax.tree.map(jnp.copy, trainable)
     cfg = LossConfig(name="erpo", kl_coef=0.01)
     # SGD with lr 1: the parameter change is the gradient itself, so matching
