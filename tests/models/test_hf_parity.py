@@ -123,8 +123,20 @@ def test_sharded_checkpoints_load_and_save(hf, hf_checkpoint, tmp_path):
     np.testing.assert_array_equal(hf.torch_logits(reloaded.eval(), tokens, mask), ref)
 
 
-def test_bfloat16_compute_stays_close_and_returns_float32(hf, hf_checkpoint):
-    path, torch_model = hf_checkpoint("qwen3")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bfloat16_error_is_within_torchs_own_bfloat16_error(hf, hf_checkpoint, family):
+    """bf16 parity with a justified tolerance.
+
+    The yardstick is torch's own rounding: the same checkpoint run by
+    ``transformers`` in bfloat16 differs from its float32 logits by e_torch.
+    Our bfloat16 forward must stay within 2 x e_torch of the float32 logits at
+    the worst position and 1.5 x on average. Measured on these tiny models:
+    e_torch max 0.0035-0.0053, ours 0.0043-0.0048 (ratio 0.8-1.25); a real
+    bug (RoPE, a norm, a mask) gives errors of order 0.1-1.
+    """
+    import copy
+
+    path, torch_model = hf_checkpoint(family)
     model, _ = load_hf_checkpoint(path, dtype=jnp.bfloat16)
     assert model.embed[...].dtype == jnp.bfloat16
     tokens, mask = hf.padded_batch(seed=5)
@@ -132,8 +144,13 @@ def test_bfloat16_compute_stays_close_and_returns_float32(hf, hf_checkpoint):
     assert hidden.dtype == jnp.bfloat16
     logits = _forward(model, jnp.asarray(tokens), jnp.asarray(mask))
     assert logits.dtype == jnp.float32
-    # bf16 weights and activations: ~3 significant digits through two layers.
-    _close(logits, hf.torch_logits(torch_model, tokens, mask), mask, atol=0.05, rtol=0.05)
+    ref32 = hf.torch_logits(torch_model, tokens, mask)[mask]
+    ref16 = hf.torch_logits(copy.deepcopy(torch_model).to(torch.bfloat16), tokens, mask)[mask]
+    e_torch = np.abs(ref16 - ref32)
+    e_ours = np.abs(np.asarray(logits)[mask] - ref32)
+    assert e_torch.max() > 1e-3 and e_ours.max() > 1e-4  # both really ran in bfloat16
+    assert e_ours.max() <= 2.0 * e_torch.max(), (e_ours.max(), e_torch.max())
+    assert e_ours.mean() <= 1.5 * e_torch.mean(), (e_ours.mean(), e_torch.mean())
 
 
 def test_mesh_placement_gives_the_same_logits(hf, hf_checkpoint):
