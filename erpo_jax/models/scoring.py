@@ -56,6 +56,7 @@ def score_completions(
     chunk_size: int | None = None,
     vocab_chunk_size: int | None = None,
     use_lora: bool = True,
+    row_shards: int = 1,
 ) -> tuple[Float[Array, "B T"], Float[Array, "B T"]]:
     """``(logp, entropy)`` of each completion token under ``model``, float32 ``[B, T]``.
 
@@ -73,7 +74,7 @@ def score_completions(
         ``[0, V)`` (padding positions hold ``pad_id``).
       temperature: the sampling temperature (greedy sampling records the
         temperature-1 statistics; pass 1.0 then).
-      chunk_size, vocab_chunk_size: see ``token_logp_and_entropy``.
+      chunk_size, vocab_chunk_size, row_shards: see ``token_logp_and_entropy``.
       use_lora: apply LoRA adapters (``False`` scores the base model).
 
     Returns:
@@ -90,4 +91,5 @@ def score_completions(
         temperature=temperature,
         chunk_size=chunk_size,
         vocab_chunk_size=vocab_chunk_size,
+        row_shards=row_shards,
     )

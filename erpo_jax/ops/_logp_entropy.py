@@ -19,6 +19,7 @@ so peak memory is ``O(chunk_size * V)`` regardless of ``B * T``.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +37,7 @@ def token_logp_and_entropy(
     temperature: float | Float[ArrayLike, ""] = 1.0,
     chunk_size: int | None = None,
     vocab_chunk_size: int | None = None,
+    row_shards: int = 1,
 ) -> tuple[Float[Array, "B T"], Float[Array, "B T"]]:
     """Log-probability of ``tokens`` and entropy under ``softmax(hidden @ unembed / temperature)``.
 
@@ -59,9 +61,18 @@ def token_logp_and_entropy(
       temperature: positive scalar dividing the logits (a Python number or a
         traced scalar, differentiable in every path).
       chunk_size: ``None`` computes all ``[B, T, V]`` logits at once
-        (autodiff). A positive int processes ``chunk_size`` tokens (of the
-        flattened ``B * T``) at a time with a custom VJP that recomputes each
-        chunk in the backward pass, never materialising ``[B, T, V]``.
+        (autodiff). A positive int processes about ``chunk_size`` tokens at
+        a time (``ceil(chunk_size / B)`` positions of every row: chunks run
+        along time, so a batch sharded over rows needs no all-gather) with a
+        custom VJP that recomputes each chunk in the backward pass, never
+        materialising ``[B, T, V]``.
+      row_shards: with ``chunk_size``, the number of devices the rows of
+        ``hidden`` are sharded over (``data * fsdp`` of the trainer's mesh).
+        The backward pass keeps that many weight-gradient partial sums, one
+        per row group, and adds them once after the loop, so under data
+        parallelism the ``[D, V]`` gradient is all-reduced once per call, not
+        once per chunk. 1 (the default) keeps one accumulator; a value that
+        does not divide ``B`` is reduced to their gcd.
       vocab_chunk_size: with ``chunk_size``, also split the vocabulary into
         tiles of this many columns and combine them with an online
         (running-max) logsumexp and entropy, so that peak memory is
@@ -78,6 +89,10 @@ def token_logp_and_entropy(
     ):
         raise ValueError(
             f"token_logp_and_entropy: chunk_size must be None or a positive int, got {chunk_size!r}"
+        )
+    if not isinstance(row_shards, int) or isinstance(row_shards, bool) or row_shards < 1:
+        raise ValueError(
+            f"token_logp_and_entropy: row_shards must be a positive int, got {row_shards!r}"
         )
     if isinstance(temperature, (int, float)) and not temperature > 0:
         raise ValueError(f"token_logp_and_entropy: temperature must be > 0, got {temperature!r}")
@@ -108,18 +123,27 @@ def token_logp_and_entropy(
         logp, entropy, _ = _stats(z * inv_temp, tokens)
         return logp, entropy
 
+    # Chunks run along time within the rows: each holds ct positions of every
+    # row ([B, ct] tokens, about chunk_size), so the row axis is never sliced
+    # and a batch sharded over rows stays sharded (no all-gather under data
+    # parallelism).
     b, t, d = hidden.shape
-    n = b * t
-    num_chunks = -(-n // chunk_size)
-    pad = num_chunks * chunk_size - n
-    h = jnp.pad(hidden.reshape(n, d), ((0, pad), (0, 0))).reshape(num_chunks, chunk_size, d)
-    tok = jnp.pad(tokens.reshape(n), (0, pad)).reshape(num_chunks, chunk_size)
+    slots = math.gcd(b, row_shards) if b else 1
+    ct = max(1, min(t, -(-chunk_size // max(b, 1))))
+    nt = -(-t // ct)
+    pad = nt * ct - t
+    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, nt, ct, d).transpose(1, 0, 2, 3)
+    tok = jnp.pad(tokens, ((0, 0), (0, pad))).reshape(b, nt, ct).transpose(1, 0, 2)
     vocab = unembed.shape[1]
     if vocab_chunk_size is not None and vocab_chunk_size < vocab:
-        logp, entropy = _tiled(h, unembed, tok, inv_temp, vocab_chunk_size)
+        logp, entropy = _tiled(h, unembed, tok, inv_temp, vocab_chunk_size, slots)
     else:
-        logp, entropy = _chunked(h, unembed, tok, inv_temp)
-    return logp.reshape(-1)[:n].reshape(b, t), entropy.reshape(-1)[:n].reshape(b, t)
+        logp, entropy = _chunked(h, unembed, tok, inv_temp, slots)
+
+    def rows(x):  # [nt, B, ct] -> [B, T]
+        return x.transpose(1, 0, 2).reshape(b, nt * ct)[:, :t]
+
+    return rows(logp), rows(entropy)
 
 
 def _stats(z, tokens):
@@ -143,17 +167,21 @@ def _stats(z, tokens):
 
 
 def _chunk_logits(h_c, w, inv_temp):
-    return jnp.einsum("cd,dv->cv", h_c, w, preferred_element_type=jnp.float32) * inv_temp
+    return jnp.einsum("...d,dv->...v", h_c, w, preferred_element_type=jnp.float32) * inv_temp
 
 
-@jax.custom_vjp
-def _chunked(h, w, tok, inv_temp):
-    """``(logp, entropy)``, each ``[num_chunks, chunk]``, of ``h [num_chunks, chunk, D]``."""
-    (logp, entropy), _ = _chunked_fwd(h, w, tok, inv_temp)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _chunked(h, w, tok, inv_temp, slots):
+    """``(logp, entropy)``, each ``[num_chunks, B, ct]``, of ``h [num_chunks, B, ct, D]``.
+
+    ``slots`` row groups keep separate weight-gradient accumulators, summed
+    once after the loop (see ``row_shards``).
+    """
+    (logp, entropy), _ = _chunked_fwd(h, w, tok, inv_temp, slots)
     return logp, entropy
 
 
-def _chunked_fwd(h, w, tok, inv_temp):
+def _chunked_fwd(h, w, tok, inv_temp, slots):
     def body(_, xs):
         h_c, tok_c = xs
         return None, _stats(_chunk_logits(h_c, w, inv_temp), tok_c)
@@ -163,7 +191,7 @@ def _chunked_fwd(h, w, tok, inv_temp):
     return (logp, entropy), (h, w, tok, inv_temp, entropy, lse)
 
 
-def _grad_matmuls(g_raw, h_c, w_f32):
+def _grad_matmuls(g_raw, h_c, w_f32, slots=1):
     """``(d h_c, d w)`` of ``z_raw = h_c @ w`` given ``g_raw = dL/dz_raw``, all float32.
 
     The logit gradient ``g_raw`` stays float32 as a matmul operand: one
@@ -172,15 +200,22 @@ def _grad_matmuls(g_raw, h_c, w_f32):
     weight dtype first would flush them to zero or to a few bits. Operands
     are float32 and so is the accumulation (``preferred_element_type``);
     callers cast only the results to the input dtypes.
+
+    ``d w`` comes back as ``[slots, D, V]``: the chunk's rows ``[B, ...]``
+    split into ``slots`` groups, one partial sum each.
     """
-    g_h_c = jnp.einsum("cv,dv->cd", g_raw, w_f32, preferred_element_type=jnp.float32)
+    g_h_c = jnp.einsum("...v,dv->...d", g_raw, w_f32, preferred_element_type=jnp.float32)
+    b = h_c.shape[0]
     g_w = jnp.einsum(
-        "cd,cv->dv", h_c.astype(jnp.float32), g_raw, preferred_element_type=jnp.float32
+        "kb...d,kb...v->kdv",
+        h_c.astype(jnp.float32).reshape(slots, b // slots, *h_c.shape[1:]),
+        g_raw.reshape(slots, b // slots, *g_raw.shape[1:]),
+        preferred_element_type=jnp.float32,
     )
     return g_h_c, g_w
 
 
-def _chunked_bwd(res, cotangents):
+def _chunked_bwd(slots, res, cotangents):
     h, w, tok, inv_temp, entropy, lse = res
     g_logp, g_entropy = cotangents
     vocab = w.shape[1]
@@ -192,21 +227,22 @@ def _chunked_bwd(res, cotangents):
         g_w, g_inv = carry
         h_c, tok_c, ent_c, lse_c, gl_c, ge_c = xs
         z = _chunk_logits(h_c, w, inv_temp)
-        logp_all = (z - jnp.max(z, axis=-1, keepdims=True)) - lse_c[:, None]
+        logp_all = (z - jnp.max(z, axis=-1, keepdims=True)) - lse_c[..., None]
         p = jnp.exp(logp_all)
-        onehot = tok_c[:, None] == jnp.arange(vocab, dtype=jnp.int32)
+        onehot = tok_c[..., None] == jnp.arange(vocab, dtype=jnp.int32)
         # An id outside the vocabulary has logp 0 (a constant): no gradient.
         gl_c = jnp.where((tok_c >= 0) & (tok_c < vocab), gl_c, 0.0)
-        g_z = gl_c[:, None] * (jnp.where(onehot, 1.0, 0.0) - p)
-        g_z = g_z - ge_c[:, None] * p * (logp_all + ent_c[:, None])
+        g_z = gl_c[..., None] * (jnp.where(onehot, 1.0, 0.0) - p)
+        g_z = g_z - ge_c[..., None] * p * (logp_all + ent_c[..., None])
         # z = (h @ w) * inv_temp: d/d inv_temp = sum(g_z * z) / inv_temp.
         g_inv = g_inv + jnp.sum(g_z * z) / inv_temp
-        g_h_c, g_w_c = _grad_matmuls(g_z * inv_temp, h_c, w_f32)
+        g_h_c, g_w_c = _grad_matmuls(g_z * inv_temp, h_c, w_f32, slots)
         return (g_w + g_w_c, g_inv), g_h_c.astype(h.dtype)
 
-    init = (jnp.zeros(w.shape, jnp.float32), jnp.zeros((), jnp.float32))
+    init = (jnp.zeros((slots, *w.shape), jnp.float32), jnp.zeros((), jnp.float32))
     (g_w, g_inv), g_h = jax.lax.scan(body, init, (h, tok, entropy, lse, g_logp, g_entropy))
-    return g_h, g_w.astype(w.dtype), None, g_inv.astype(inv_temp.dtype)
+    # One reduction over the slots (one all-reduce when they are sharded).
+    return g_h, g_w.sum(0).astype(w.dtype), None, g_inv.astype(inv_temp.dtype)
 
 
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)
@@ -235,31 +271,31 @@ def _tiled_stats(h_c, w, tok_c, inv_temp, tile):
     (relative to the running max, so the entropy ``log s - a / s`` suffers
     no cancellation between large logits), rescaled when ``m`` grows.
     """
-    c = h_c.shape[0]
+    c = h_c.shape[:-1]  # the chunk's token axes
     num_tiles = -(-w.shape[1] // tile)
 
     def body(carry, j):
         m, s, a, z_tok = carry
         w_t, cols, fresh, _ = _tile(w, j, tile)
-        z = jnp.einsum("cd,dv->cv", h_c, w_t, preferred_element_type=jnp.float32) * inv_temp
+        z = _chunk_logits(h_c, w_t, inv_temp)
         z = jnp.where(fresh, z, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(z, axis=-1))
         scale = jnp.exp(m - m_new)
-        e = jnp.exp(z - m_new[:, None])
-        zr = jnp.where(fresh, z - m_new[:, None], 0.0)
+        e = jnp.exp(z - m_new[..., None])
+        zr = jnp.where(fresh, z - m_new[..., None], 0.0)
         s_new = s * scale + jnp.sum(e, axis=-1)
         # Before the first tile m is -inf and s is 0: no rescaling term.
         shift = jnp.where(jnp.isfinite(m), m - m_new, 0.0)
         a_new = scale * (a + s * shift) + jnp.sum(e * zr, axis=-1)
-        hit = (tok_c[:, None] == cols) & fresh
+        hit = (tok_c[..., None] == cols) & fresh
         z_tok = z_tok + jnp.sum(jnp.where(hit, z, 0.0), axis=-1)
         return (m_new, s_new, a_new, z_tok), None
 
     init = (
-        jnp.full((c,), -jnp.inf, jnp.float32),
-        jnp.zeros((c,), jnp.float32),
-        jnp.zeros((c,), jnp.float32),
-        jnp.zeros((c,), jnp.float32),
+        jnp.full(c, -jnp.inf, jnp.float32),
+        jnp.zeros(c, jnp.float32),
+        jnp.zeros(c, jnp.float32),
+        jnp.zeros(c, jnp.float32),
     )
     # The first tile always holds a finite logit, so m is finite after it and
     # exp(m - m_new) never sees inf - inf.
@@ -269,14 +305,14 @@ def _tiled_stats(h_c, w, tok_c, inv_temp, tile):
     return jnp.where(in_vocab, z_tok - lse, 0.0), jnp.log(s) - a / s, lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _tiled(h, w, tok, inv_temp, tile):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _tiled(h, w, tok, inv_temp, tile, slots):
     """As :func:`_chunked`, with each chunk's vocabulary in tiles of ``tile`` columns."""
-    (logp, entropy), _ = _tiled_fwd(h, w, tok, inv_temp, tile)
+    (logp, entropy), _ = _tiled_fwd(h, w, tok, inv_temp, tile, slots)
     return logp, entropy
 
 
-def _tiled_fwd(h, w, tok, inv_temp, tile):
+def _tiled_fwd(h, w, tok, inv_temp, tile, slots):
     def body(_, xs):
         h_c, tok_c = xs
         return None, _tiled_stats(h_c, w, tok_c, inv_temp, tile)
@@ -285,7 +321,7 @@ def _tiled_fwd(h, w, tok, inv_temp, tile):
     return (logp, entropy), (h, w, tok, inv_temp, entropy, lse)
 
 
-def _tiled_bwd(tile, res, cotangents):
+def _tiled_bwd(tile, slots, res, cotangents):
     h, w, tok, inv_temp, entropy, lse = res
     g_logp, g_entropy = cotangents
     num_tiles = -(-w.shape[1] // tile)
@@ -299,17 +335,17 @@ def _tiled_bwd(tile, res, cotangents):
         def tile_body(carry, j):
             g_w, g_h_c, g_inv = carry
             w_t, cols, fresh, start = _tile(w, j, tile)
-            z = jnp.einsum("cd,dv->cv", h_c, w_t, preferred_element_type=jnp.float32) * inv_temp
-            logp_all = z - lse_c[:, None]
+            z = _chunk_logits(h_c, w_t, inv_temp)
+            logp_all = z - lse_c[..., None]
             p = jnp.where(fresh, jnp.exp(logp_all), 0.0)
-            onehot = (tok_c[:, None] == cols) & fresh
-            g_z = gl_in[:, None] * (jnp.where(onehot, 1.0, 0.0) - p)
-            g_z = g_z - ge_c[:, None] * p * (jnp.where(fresh, logp_all, 0.0) + ent_c[:, None])
+            onehot = (tok_c[..., None] == cols) & fresh
+            g_z = gl_in[..., None] * (jnp.where(onehot, 1.0, 0.0) - p)
+            g_z = g_z - ge_c[..., None] * p * (jnp.where(fresh, logp_all, 0.0) + ent_c[..., None])
             g_inv = g_inv + jnp.sum(g_z * z) / inv_temp
             # The float32 matmuls of _grad_matmuls, on one tile of the weight.
-            g_h_t, g_w_t = _grad_matmuls(g_z * inv_temp, h_c, w_t.astype(jnp.float32))
-            old = jax.lax.dynamic_slice_in_dim(g_w, start, tile, axis=1)
-            g_w = jax.lax.dynamic_update_slice_in_dim(g_w, old + g_w_t, start, axis=1)
+            g_h_t, g_w_t = _grad_matmuls(g_z * inv_temp, h_c, w_t.astype(jnp.float32), slots)
+            old = jax.lax.dynamic_slice_in_dim(g_w, start, tile, axis=2)
+            g_w = jax.lax.dynamic_update_slice_in_dim(g_w, old + g_w_t, start, axis=2)
             return (g_w, g_h_c + g_h_t, g_inv), None
 
         g_h_c = jnp.zeros(h_c.shape, jnp.float32)
@@ -318,9 +354,10 @@ def _tiled_bwd(tile, res, cotangents):
         )
         return (g_w, g_inv), g_h_c.astype(h.dtype)
 
-    init = (jnp.zeros(w.shape, jnp.float32), jnp.zeros((), jnp.float32))
+    init = (jnp.zeros((slots, *w.shape), jnp.float32), jnp.zeros((), jnp.float32))
     (g_w, g_inv), g_h = jax.lax.scan(chunk, init, (h, tok, entropy, lse, g_logp, g_entropy))
-    return g_h, g_w.astype(w.dtype), None, g_inv.astype(inv_temp.dtype)
+    # One reduction over the slots (one all-reduce when they are sharded).
+    return g_h, g_w.sum(0).astype(w.dtype), None, g_inv.astype(inv_temp.dtype)
 
 
 _tiled.defvjp(_tiled_fwd, _tiled_bwd)

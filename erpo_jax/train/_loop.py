@@ -195,7 +195,12 @@ def _build(cfg: RunConfig, out: Path, log: Callable[[str], None]) -> _Run:
     total_updates = cfg.steps * cfg.train.num_iterations * cfg.train.mini_batches
     tx, schedule = make_optimizer(cfg.optimizer, total_updates, trainable)
     temperature = cfg.rollout.temperature
-    chunk = dict(chunk_size=cfg.model.logp_chunk_size, vocab_chunk_size=cfg.model.vocab_chunk_size)
+    chunk = dict(
+        chunk_size=cfg.model.logp_chunk_size,
+        vocab_chunk_size=cfg.model.vocab_chunk_size,
+        # one weight-gradient partial sum per row shard: one all-reduce per call
+        row_shards=mesh.shape["data"] * mesh.shape["fsdp"],
+    )
     score_fn = make_score_fn(graphdef, temperature=temperature, **chunk)
     loss_fn = make_loss_fn(cfg.loss, max_len=cfg.rollout.max_new_tokens, total_steps=total_updates)
     update_fn = make_update_fn(

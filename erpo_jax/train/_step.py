@@ -116,7 +116,7 @@ def split_policy(model: nnx.Module, *, lora: bool) -> tuple[Any, nnx.State, nnx.
     return graphdef, trainable, frozen
 
 
-def _head(model, batch, *, temperature, chunk_size, vocab_chunk_size, use_lora):
+def _head(model, batch, *, temperature, chunk_size, vocab_chunk_size, use_lora, row_shards=1):
     hidden = completion_hidden_states(
         model,
         batch["prompt_tokens"],
@@ -132,6 +132,7 @@ def _head(model, batch, *, temperature, chunk_size, vocab_chunk_size, use_lora):
         temperature=temperature,
         chunk_size=chunk_size,
         vocab_chunk_size=vocab_chunk_size,
+        row_shards=row_shards,
     )
     return hidden, logp, entropy
 
@@ -142,8 +143,13 @@ def make_score_fn(
     temperature: float,
     chunk_size: int | None,
     vocab_chunk_size: int | None,
+    row_shards: int = 1,
 ) -> Callable[..., tuple[jax.Array, jax.Array]]:
-    """A jitted ``(trainable, frozen, batch, use_lora) -> (logp [B,T], entropy [B,T])``."""
+    """A jitted ``(trainable, frozen, batch, use_lora) -> (logp [B,T], entropy [B,T])``.
+
+    ``row_shards``: devices the batch rows are sharded over (see
+    ``token_logp_and_entropy``).
+    """
 
     def score(trainable, frozen, batch, use_lora):
         model = nnx.merge(graphdef, trainable, frozen)
@@ -154,6 +160,7 @@ def make_score_fn(
             chunk_size=chunk_size,
             vocab_chunk_size=vocab_chunk_size,
             use_lora=use_lora,
+            row_shards=row_shards,
         )
         return logp, entropy
 
@@ -178,6 +185,7 @@ def make_update_fn(
     chunk_size: int | None,
     vocab_chunk_size: int | None,
     arca: bool,
+    row_shards: int = 1,
 ) -> Callable[..., tuple[dict[str, Any], dict[str, jax.Array]]]:
     """A jitted, state-donating ``(state, frozen, batch) -> (state, metrics)``.
 
@@ -196,6 +204,7 @@ def make_update_fn(
             chunk_size=chunk_size,
             vocab_chunk_size=vocab_chunk_size,
             use_lora=True,
+            row_shards=row_shards,
         )
         if arca:
             # ARCA's credit: how far the adapter moves the last hidden state,

@@ -19,6 +19,8 @@ import pytest
     [
         "multidevice_losses.py",  # pmap, and shard_map data parallelism with psum
         "multidevice_models.py",  # load_hf_checkpoint onto an (fsdp, tensor) mesh
+        # compiled HLO under pure data parallelism: no collective on activations
+        "multidevice_hlo.py",
         # one ERPO train step on 3 meshes equals one device (~2.5 min on 2 cores)
         pytest.param("multidevice_train_step.py", marks=pytest.mark.slow),
     ],

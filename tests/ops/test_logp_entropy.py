@@ -90,6 +90,33 @@ def test_chunked_values_and_gradients_match_unchunked(chunk_size, temperature):
     assert np.isfinite(np.asarray(gh)).all() and np.abs(np.asarray(gh)).max() > 0
 
 
+@pytest.mark.parametrize("vocab_chunk_size", [None, 5])
+@pytest.mark.parametrize("row_shards", [2, 3, 4])
+def test_row_shard_accumulators_give_the_same_values_and_gradients(row_shards, vocab_chunk_size):
+    """row_shards keeps one weight-gradient partial sum per row group (summed once
+    at the end); the result is the single-accumulator one up to summation order.
+    3 does not divide the 4 rows: it falls back to gcd(4, 3) = 1 accumulator."""
+    hidden, unembed, tokens = (jnp.asarray(x) for x in _inputs(1, b=4, t=7, scale=1.5))
+
+    def loss(shards):
+        def f(h, w):
+            logp, ent = token_logp_and_entropy(
+                h, w, tokens, chunk_size=6, vocab_chunk_size=vocab_chunk_size, row_shards=shards
+            )
+            return jnp.sum(
+                logp * jnp.arange(logp.size).reshape(logp.shape) / logp.size
+            ) + 0.3 * jnp.sum(ent)
+
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
+
+    (ref_val, (ref_gh, ref_gw)) = loss(1)(hidden, unembed)
+    (val, (gh, gw)) = loss(row_shards)(hidden, unembed)
+    np.testing.assert_allclose(val, ref_val, rtol=1e-6)
+    np.testing.assert_allclose(gh, ref_gh, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(gw, ref_gw, rtol=1e-5, atol=1e-6)
+    assert np.abs(np.asarray(gw)).max() > 1e-3
+
+
 def test_gradient_of_each_output_matches_finite_differences():
     hidden, unembed, tokens = _inputs(2, b=1, t=2, d=3, v=4)
     with jax.enable_x64(True):
@@ -196,6 +223,7 @@ def test_out_of_range_tokens_stay_finite():
         ({"chunk_size": 0}, "chunk_size"),
         ({"chunk_size": 2.0}, "chunk_size"),
         ({"temperature": 0.0}, "temperature"),
+        ({"chunk_size": 4, "row_shards": 0}, "row_shards"),
     ],
 )
 def test_bad_hyperparameters_name_the_argument(kwargs, match):

@@ -1,0 +1,145 @@
+"""Run by tests/distributed/test_multidevice.py in a fresh process with 8 CPU devices.
+
+Pure data parallelism (mesh ``data=8``, parameters replicated, batch rows
+sharded) must need no collective on activations. The compiled HLO of
+value_and_grad of (1) the chunked log-prob/entropy head and (2) the whole
+policy scoring (``score_completions``) is checked: no all-gather, all-to-all
+or collective-permute at all, and every all-reduce carries only scalars
+(the global token mean) or parameter gradients, whose shapes are those of
+the parameters; the gradient of the sharded input stays sharded. Prints ``OK``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import re
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from erpo_jax.models import Decoder, ModelConfig, score_completions
+from erpo_jax.ops import token_logp_and_entropy
+
+assert jax.device_count() == 8, jax.devices()
+mesh = Mesh(np.array(jax.devices()), ("data",))
+rows = NamedSharding(mesh, PartitionSpec("data"))
+replicated = NamedSharding(mesh, PartitionSpec())
+_SHAPE = re.compile(r"[a-z0-9]+\[([0-9,]*)\]")
+_FORBIDDEN = ("all-gather", "all-to-all", "collective-permute", "reduce-scatter")
+
+
+_OP = re.compile(
+    r"\s(all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)(-start|-done)?\("
+)
+
+
+_BODY = re.compile(r"body=(%[\w.\-]+)")
+
+
+def collectives(hlo: str) -> tuple[list[str], list[tuple[int, ...]], list[str]]:
+    """Forbidden collective lines, the result shapes of every all-reduce, and the
+    all-reduces that sit inside a loop body (once per iteration)."""
+    bodies = set(_BODY.findall(hlo))
+    bad, reduced, in_loop = [], [], []
+    computation = ""
+    for line in hlo.splitlines():
+        if line and not line[0].isspace() and line.rstrip().endswith("{"):
+            computation = line.split()[1] if line.startswith("ENTRY") else line.split()[0]
+        match = _OP.search(line)
+        if not match or "=" not in line[: match.start()]:
+            continue
+        op, phase = match.group(1), match.group(2) or ""
+        if op in _FORBIDDEN:
+            bad.append(line.strip())
+        elif phase != "-done":  # all-reduce or all-reduce-start
+            result_type = line[line.index("=") + 1 : match.start()]
+            for dims in _SHAPE.findall(result_type):
+                reduced.append(tuple(int(d) for d in dims.split(",") if d))
+            if computation in bodies:
+                in_loop.append(line.strip()[:120])
+    return bad, reduced, in_loop
+
+
+# ---------------------------------------------------------------- 1: the head
+B, T, D, V = 16, 32, 64, 256
+rng = np.random.default_rng(0)
+hidden = jax.device_put(rng.normal(size=(B, T, D)).astype(np.float32), rows)
+unembed = jax.device_put((0.1 * rng.normal(size=(D, V))).astype(np.float32), replicated)
+tokens = jax.device_put(rng.integers(0, V, (B, T)).astype(np.int32), rows)
+
+
+def head_loss(h, u, tok, vocab_chunk):
+    logp, ent = token_logp_and_entropy(
+        h, u, tok, chunk_size=8, vocab_chunk_size=vocab_chunk, row_shards=8
+    )
+    return jnp.mean(logp) + 0.1 * jnp.mean(ent)
+
+
+for vocab_chunk in (None, 64):  # whole vocabulary per chunk, and vocabulary tiles
+    compiled = (
+        jax.jit(jax.value_and_grad(functools.partial(head_loss, vocab_chunk=vocab_chunk), (0, 1)))
+        .lower(hidden, unembed, tokens)
+        .compile()
+    )
+    bad, reduced, in_loop = collectives(compiled.as_text())
+    assert not bad, bad
+    assert all(s in ((), (D, V)) for s in reduced), reduced  # scalars and d(unembed) only
+    assert reduced.count((D, V)) == 1, reduced  # the weight gradient is summed once ...
+    assert not in_loop, in_loop  # ... after the chunk loop, not once per chunk
+    _, (g_hidden, g_unembed) = compiled.output_shardings
+    assert g_hidden.is_equivalent_to(rows, 3), g_hidden
+    assert g_unembed.is_equivalent_to(replicated, 2), g_unembed
+
+# ---------------------------------------------------------------- 2: the policy
+config = dataclasses.replace(
+    ModelConfig.preset("qwen3-0.6b"),
+    vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
+    num_heads=4, num_kv_heads=2, head_dim=16, tie_word_embeddings=False,
+)  # fmt: skip
+graphdef, params = nnx.split(Decoder(config, rngs=nnx.Rngs(0)))
+params = jax.device_put(params, replicated)
+# Stacked [layers, ...] parameters are reduced per layer when the layers are
+# unrolled, and a weight's gradient may be reduced before its transpose.
+param_shapes = {tuple(x.shape)[i:] for x in jax.tree.leaves(params) for i in (0, 1)}
+param_shapes |= {s[::-1] for s in param_shapes}
+S, T2 = 8, 12
+batch = {
+    "prompt_tokens": rng.integers(0, 128, (B, S)).astype(np.int32),
+    "prompt_mask": np.arange(S)[None] >= rng.integers(0, S, B)[:, None],
+    "tokens": rng.integers(0, 128, (B, T2)).astype(np.int32),
+    "mask": np.arange(T2)[None] < rng.integers(1, T2 + 1, B)[:, None],
+}
+batch = {k: jax.device_put(v, rows) for k, v in batch.items()}
+
+
+def policy_loss(p, b):
+    model = nnx.merge(graphdef, p)
+    logp, ent = score_completions(
+        model,
+        b["prompt_tokens"],
+        b["prompt_mask"],
+        b["tokens"],
+        b["mask"],
+        chunk_size=4,
+        row_shards=8,
+    )
+    m = b["mask"].astype(jnp.float32)
+    return jnp.sum((logp + 0.1 * ent) * m) / jnp.sum(m)
+
+
+compiled = jax.jit(jax.value_and_grad(policy_loss)).lower(params, batch).compile()
+bad, reduced, in_loop = collectives(compiled.as_text())
+assert not bad, bad
+assert not in_loop, in_loop
+activation = [s for s in reduced if s and s not in param_shapes]
+assert not activation, activation  # only parameter gradients and scalars are reduced
+assert any(s in param_shapes for s in reduced), reduced
+print("OK")
