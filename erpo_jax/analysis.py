@@ -95,11 +95,14 @@ def load_run(path: str | Path) -> RunData:
     for record in read_metrics(path / "metrics.jsonl"):
         step = int(record["step"])
         ev = {k[5:]: v for k, v in record.items() if k.startswith("eval/")}
-        if ev:
-            evals.setdefault(step, {}).update(ev)
         rest = {k: v for k, v in record.items() if not k.startswith("eval/")}
         if len(rest) > 1:  # more than the step itself: a training record
             steps[step] = rest  # a resumed run rewrites its steps; the last one wins
+            # Runs before 2026-11-29 put a periodic evaluation into the record of
+            # the update that preceded it: it was taken after step + 1 updates.
+            step += 1
+        if ev:
+            evals.setdefault(step, {}).update(ev)
     summary = None
     if (path / "summary.json").is_file():
         summary = json.loads((path / "summary.json").read_text())
@@ -241,7 +244,11 @@ def plot_curves(
         ax.grid(alpha=0.3)
     for k in range(len(panels), nrows * ncols):
         axes[k // ncols][k % ncols].axis("off")
-    handles, labels = axes[0][0].get_legend_handles_labels()
+    legend: dict[str, Any] = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)  # a method absent from the first panel too
+    handles, labels = list(legend.values()), list(legend)
     fig.legend(
         handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=9, frameon=False
     )

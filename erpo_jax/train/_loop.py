@@ -623,6 +623,8 @@ def train(
         evals = meta.get("evals", {})
         log(f"resumed from step {start_step} in {out_dir}")
     writer = MetricsWriter(out_dir, resume_step=start_step if resume else None)
+    if f"step_{start_step}" in evals:  # the evaluation the checkpointed step ended with
+        writer.write(start_step, _eval_record(evals[f"step_{start_step}"]))
     try:
         if "before" not in evals:
             evals["before"] = _evaluate(run, state["params"])
@@ -648,10 +650,12 @@ def train(
                 jax.block_until_ready(state)
                 jax.profiler.stop_trace()
             done = step + 1
-            if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
-                evals[f"step_{done}"] = _evaluate(run, state["params"])
-                record.update(_eval_record(evals[f"step_{done}"]))
             writer.write(step, record)
+            if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
+                # After `done` updates: its own record at step `done`, as the
+                # evaluations before the first (0) and after the last (steps).
+                evals[f"step_{done}"] = _evaluate(run, state["params"])
+                writer.write(done, _eval_record(evals[f"step_{done}"]))
             bar.set_postfix(
                 reward=f"{record['reward_mean']:.3f}",
                 entropy=f"{record['entropy_mean']:.3f}",

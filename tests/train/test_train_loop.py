@@ -105,15 +105,21 @@ REQUIRED = (
 
 def test_train_writes_outputs_and_metrics(checkpoint, tmp_path):
     out = tmp_path / "run"
-    cfg = load_config(None, _overrides(checkpoint, "steps=3", "checkpoint_every=2"))
+    cfg = load_config(None, _overrides(checkpoint, "steps=3", "checkpoint_every=2", "eval_every=2"))
     summary = train(cfg, out=out, log=lambda _: None)
     assert set(summary) >= {"before", "after", "wall_seconds"}
     for part in ("before", "after"):
         assert set(summary[part]) >= {"pass_at_1_sampled", "pass_at_1_greedy", "pass_at_k"}
     assert json.loads((out / "summary.json").read_text())["after"] == summary["after"]
     assert load_config(out / "config.yaml") == cfg  # the resolved config reloads
-    records = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    everything = read_metrics(out / "metrics.jsonl")
+    records = [r for r in everything if "loss" in r]
     assert [r["step"] for r in records] == [0, 1, 2]
+    # Evaluations after 0, 2 (eval_every) and 3 (the last) updates, each its own record.
+    evals = [r for r in everything if "eval/pass_at_1_sampled" in r]
+    assert [r["step"] for r in evals] == [0, 2, 3]
+    assert not any("loss" in r for r in evals)
+    assert summary["periodic"]["step_2"]["pass_at_1_sampled"] == evals[1]["eval/pass_at_1_sampled"]
     for r in records:
         missing = [k for k in REQUIRED if k not in r]
         assert not missing, missing
@@ -170,7 +176,7 @@ def _cli(checkpoint, out, *extra):
         "--out",
         str(out),
         *flags,
-        *_overrides(checkpoint, "steps=6", "checkpoint_every=2", *keys),
+        *_overrides(checkpoint, "steps=6", "checkpoint_every=2", "eval_every=2", *keys),
     ]
     return cmd
 
