@@ -197,6 +197,7 @@ def generate(
     pad_id: int,
     greedy: bool = False,
     use_lora: bool = True,
+    mesh: Any = None,
 ) -> Rollout:
     """Samples ``group_size`` completions for each problem and decodes them.
 
@@ -212,6 +213,8 @@ def generate(
       pad_id: id of padding.
       greedy: argmax decoding (``temperature`` ignored; REFT off).
       use_lora: sample with the LoRA adapters applied.
+      mesh: shard the rows (and KV cache) over this mesh's ``(data, fsdp)``
+        axes (see :func:`erpo_jax.sampling.sample`); the rows must divide.
 
     Returns:
       A :class:`Rollout`.
@@ -243,6 +246,7 @@ def generate(
         reft_k=options.reft_k,
         reft_marker=options.reft_marker,
         use_lora=use_lora,
+        mesh=mesh,
     )
     host_tokens, lengths = jax.device_get((out.tokens, out.lengths))
     lengths = np.asarray(lengths)

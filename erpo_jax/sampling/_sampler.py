@@ -79,6 +79,63 @@ class _Static(NamedTuple):
     prefix_group: int  # rows that share each prompt's prefill (1: no sharing)
     reft_top_n: int
     reft_k: int
+    mesh: Any = None  # jax.sharding.Mesh: rows over (data, fsdp), KV heads over tensor
+
+
+_ROW_AXES = ("data", "fsdp")
+
+
+def _row_axes(mesh: Any) -> tuple[str, ...]:
+    return tuple(a for a in _ROW_AXES if a in mesh.axis_names)
+
+
+def _row_shards(mesh: Any) -> int:
+    return math.prod(mesh.shape[a] for a in _row_axes(mesh))
+
+
+def _constrain(state: _LoopState, mesh: Any) -> _LoopState:
+    """The loop state pinned to the mesh: every ``[B, ...]`` array sharded by rows
+    over ``(data, fsdp)``, and the KV cache also by KV heads over ``tensor``
+    when they divide (a split never cuts a head). No-op without a mesh."""
+    if mesh is None:
+        return state
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    b = state.done.shape[0]
+    rows = _row_axes(mesh) or None
+    tensor = mesh.shape["tensor"] if "tensor" in mesh.axis_names else 1
+
+    def pin(x, kv=False):
+        if x.ndim == 0:
+            return x
+        lead = 1 if x.shape[0] != b else 0  # stacked [L, B, ...] caches
+        if x.shape[lead] != b:
+            return x
+        spec: list[Any] = [None] * x.ndim
+        spec[lead] = rows
+        heads = lead + 1
+        if kv and tensor > 1 and x.ndim - lead == 4 and x.shape[heads] % tensor == 0:
+            spec[heads] = "tensor"
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*spec)))
+
+    cache = state.cache
+
+    def pin_kv(x: Any) -> Any:  # one array per layer, or one stacked [L, ...] array
+        return tuple(pin(y, True) for y in x) if isinstance(x, tuple) else pin(x, True)
+
+    cache = cache._replace(
+        k=pin_kv(cache.k), v=pin_kv(cache.v), mask=pin(cache.mask), positions=pin(cache.positions)
+    )
+    return state._replace(
+        cache=cache,
+        prev=pin(state.prev),
+        tokens=pin(state.tokens),
+        logp=pin(state.logp),
+        entropy=pin(state.entropy),
+        truncated_entropy=pin(state.truncated_entropy),
+        mask=pin(state.mask),
+        done=pin(state.done),
+    )
 
 
 class _Dynamic(NamedTuple):
@@ -218,7 +275,7 @@ def _prefill(graphdef, params, tokens, mask, keys, dyn: _Dynamic, *, static: _St
         stats = score_tokens(first, openers, **_truncation(static, dyn))
     else:
         stats = _draw(first, keys, m, static, dyn)
-    return _write(state, m, stats, alive, dyn.eos_ids, static.pad_id)
+    return _constrain(_write(state, m, stats, alive, dyn.eos_ids, static.pad_id), static.mesh)
 
 
 def _decode(graphdef, params, state: _LoopState, keys, stop_at, dyn: _Dynamic, *, static: _Static):
@@ -236,7 +293,9 @@ def _decode(graphdef, params, state: _LoopState, keys, stop_at, dyn: _Dynamic, *
         logits, cache = model.decode_step(st.prev, st.cache, use_lora=static.use_lora)
         stats = _draw(logits, keys, st.step, static, dyn)
         st = st._replace(cache=cache)
-        return _write(st, st.step, stats, ~st.done, dyn.eos_ids, static.pad_id)
+        return _constrain(
+            _write(st, st.step, stats, ~st.done, dyn.eos_ids, static.pad_id), static.mesh
+        )
 
     return jax.lax.while_loop(cond, body, state)
 
@@ -381,6 +440,7 @@ def sample(
     reft_marker: Sequence[int] = (),
     use_lora: bool = True,
     share_prefix: bool = True,
+    mesh: Any = None,
 ) -> SampleOutput:
     """Samples ``max_new_tokens`` per row with a KV cache; returns tokens, logp, entropy, mask.
 
@@ -452,6 +512,13 @@ def sample(
       use_lora: apply the model's LoRA adapters, if any.
       share_prefix: with ``group_size``, prefill each prompt once (``False``
         prefills every row; the outputs are the same).
+      mesh: a ``jax.sharding.Mesh`` with (some of) the axes ``data``,
+        ``fsdp``, ``tensor`` (``erpo_jax.train.make_mesh``), e.g. the one the
+        parameters are placed on. The rows are sharded over ``(data, fsdp)``
+        (their number must divide), the loop state and KV cache stay sharded
+        by rows (and the cache by KV heads over ``tensor`` where they divide)
+        through prefill and decode, and the outputs come back sharded by
+        rows. None: one device, or whatever the inputs' placement implies.
 
     Returns:
       :class:`SampleOutput` with ``[B, T]`` arrays and ``lengths [B]``.
@@ -565,6 +632,22 @@ def sample(
                 "(prompt_tokens prompt-major, see repeat_for_groups)"
             )
     keys = as_row_keys(key, b)
+    share = rows_per_prompt if share_prefix else 1
+    if mesh is not None:
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        shards = _row_shards(mesh)
+        if b % shards:
+            raise ValueError(
+                f"sample: prompt_tokens has {b} rows, which do not divide over the mesh's "
+                f"{shards} row shards ({' x '.join(_row_axes(mesh))}); use a multiple of {shards}"
+            )
+        rows = NamedSharding(mesh, PartitionSpec(_row_axes(mesh) or None))
+        tokens, mask, keys = (jax.device_put(x, rows) for x in (tokens, mask, keys))
+        if (b // share) % shards:
+            share = 1  # a shared prefill of P rows must divide over the row shards too
+    elif _spans_devices(params):
+        share = 1  # no mesh to pin the broadcast cache to: prefill every row
     # -1 never matches a token; padding the EOS list to a multiple of 8 keeps its
     # shape, and so the compiled code, when the number of EOS ids changes.
     eos_width = max(8, -(-eos.size // 8) * 8)
@@ -580,9 +663,10 @@ def sample(
         pad_id=int(pad_id),
         use_lora=bool(use_lora),
         group_size=reft_group,
-        prefix_group=rows_per_prompt if share_prefix and not _spans_devices(params) else 1,
+        prefix_group=share,
         reft_top_n=int(reft_top_n) if reft_group else 0,
         reft_k=int(reft_k) if reft_group else 0,
+        mesh=mesh,
     )
     dyn = _Dynamic(
         temperature=jnp.asarray(1.0 if greedy else temperature, jnp.float32),

@@ -281,6 +281,11 @@ def _left_pad_to(a: np.ndarray, width: int, fill: Any) -> np.ndarray:
     return np.concatenate([pad, a], axis=1)
 
 
+def _rows(mesh: Any) -> int:
+    """Devices the batch rows are sharded over."""
+    return int(mesh.shape["data"] * mesh.shape["fsdp"])
+
+
 _MAX_REFILLS = 32  # batches drawn at most to replace prompts that are too long
 
 
@@ -358,6 +363,8 @@ def _collect(run: _Run, params: Any, step: int) -> tuple[dict[str, np.ndarray], 
             options=options,
             eos_ids=run.eos_ids,
             pad_id=run.pad_id,
+            # rows over (data, fsdp) when they divide (single process: all rows here)
+            mesh=run.mesh if jax.process_count() == 1 and (p * g) % _rows(run.mesh) == 0 else None,
         )
         host = jax.device_get(
             {

@@ -167,9 +167,25 @@ def make_score_fn(
     return jax.jit(score, static_argnums=(3,))
 
 
-def _split_micro(batch: dict[str, Any], micro: int) -> dict[str, Any]:
-    """Each entry reshaped to ``[micro, rows / micro, ...]`` (rewards by groups)."""
-    return {k: v.reshape(micro, v.shape[0] // micro, *v.shape[1:]) for k, v in batch.items()}
+def _split_micro(batch: dict[str, Any], micro: int, shards: int = 1) -> dict[str, Any]:
+    """Each entry reshaped to ``[micro, rows / micro, ...]`` (rewards by groups).
+
+    With ``shards`` row shards (the batch rows split in that many contiguous
+    blocks over the devices), micro-batch ``m`` takes the ``m``-th slice of
+    every shard's rows instead of ``micro`` contiguous rows: each device
+    keeps its own rows and the split moves no data. Slices hold whole
+    groups; when the groups do not divide into ``shards * micro`` slices, the
+    plain contiguous split is used.
+    """
+    groups = batch["rewards"].shape[0]
+    s = shards if groups % (shards * micro) == 0 else 1
+
+    def split(v):
+        n = v.shape[0]
+        blocks = v.reshape(s, micro, n // (s * micro), *v.shape[1:])
+        return blocks.swapaxes(0, 1).reshape(micro, n // micro, *v.shape[1:])
+
+    return {k: split(v) for k, v in batch.items()}
 
 
 def make_update_fn(
@@ -229,7 +245,7 @@ def make_update_fn(
         if micro_batches == 1:
             (loss, aux), grads = grad_fn(params, frozen, batch, denominator, step)
         else:
-            micro = _split_micro(batch, micro_batches)
+            micro = _split_micro(batch, micro_batches, row_shards)
 
             def body(carry, mb):
                 g_acc, l_acc, a_acc = carry

@@ -66,7 +66,7 @@ def batch_arrays():
     }
 
 
-def one_step(mesh_cfg: MeshConfig, devices):
+def one_step(mesh_cfg: MeshConfig, devices, shards=None):
     mesh = make_mesh(mesh_cfg, devices)
     model = Decoder(CONFIG, rngs=nnx.Rngs(0))
     graphdef, trainable, frozen = split_policy(model, lora=False)
@@ -75,6 +75,8 @@ def one_step(mesh_cfg: MeshConfig, devices):
     frozen = place_params(frozen, mesh, head_dim=hd)
     ref = jax.tree.map(jnp.copy, trainable)
     cfg = LossConfig(name="erpo", kl_coef=0.01)
+    if shards is None:
+        shards = mesh.shape["data"] * mesh.shape["fsdp"]
     # SGD with lr 1: the parameter change is the gradient itself, so matching
     # parameters means matching gradients (Adam's normalization would turn
     # float32 reduction-order noise on near-zero gradients into 1e-3 steps).
@@ -92,8 +94,11 @@ def one_step(mesh_cfg: MeshConfig, devices):
         chunk_size=16,
         vocab_chunk_size=None,
         arca=False,
+        row_shards=shards,  # (1, 4, 2): micro-batches take a slice of each shard's rows
     )
-    score = make_score_fn(graphdef, temperature=1.0, chunk_size=16, vocab_chunk_size=None)
+    score = make_score_fn(
+        graphdef, temperature=1.0, chunk_size=16, vocab_chunk_size=None, row_shards=shards
+    )
     batch = global_batch(batch_arrays(), mesh)
     old, _ = score(trainable, frozen, batch, True)
     batch["old_logp"] = old - 0.01
@@ -109,9 +114,15 @@ def one_step(mesh_cfg: MeshConfig, devices):
     return jax.device_get(metrics), params, split
 
 
-ref_metrics, ref_params, _ = one_step(MeshConfig(data=1), jax.devices()[:1])
-assert abs(float(ref_metrics["loss"])) > 1e-6
+# The loss's aux metrics are means over micro-batches, so they depend on which
+# groups share a micro-batch: the one-device reference uses the same split
+# (row_shards) as the mesh it is compared with. The gradient does not depend on it.
+references = {s: one_step(MeshConfig(data=1), jax.devices()[:1], shards=s) for s in (1, 4, 8)}
+assert abs(float(references[1][0]["loss"])) > 1e-6
+for a, b in zip(jax.tree.leaves(references[1][1]), jax.tree.leaves(references[4][1]), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg="split by 4 row shards")
 for shape in ((8, 1, 1), (2, 4, 1), (1, 4, 2)):
+    ref_metrics, ref_params, _ = references[shape[0] * shape[1]]
     metrics, params, specs = one_step(
         MeshConfig(data=shape[0], fsdp=shape[1], tensor=shape[2]), jax.devices()
     )

@@ -61,7 +61,7 @@ def _batch(seed=0):
     }
 
 
-def _setup(name, *, lora=False, micro=1, sgd=False, **loss_kw):
+def _setup(name, *, lora=False, micro=1, sgd=False, row_shards=1, **loss_kw):
     model = Decoder(CONFIG, rngs=nnx.Rngs(0))
     if lora:
         add_lora(model, rank=4, alpha=8.0, rngs=nnx.Rngs(1))
@@ -89,6 +89,7 @@ def _setup(name, *, lora=False, micro=1, sgd=False, **loss_kw):
         chunk_size=None,
         vocab_chunk_size=None,
         arca=name == "arca",
+        row_shards=row_shards,
     )
     score = make_score_fn(graphdef, temperature=1.0, chunk_size=8, vocab_chunk_size=None)
     return graphdef, trainable, frozen, tx, update, score, cfg
@@ -119,9 +120,11 @@ _FAST = ("erpo", "grpo")
 def test_micro_batches_reproduce_the_full_batch_update(name):
     kw = {"kl_coef": 0.04} if name == "grpo" else {}
     results = []
-    for micro in (1, 4):
+    # (micro-batches, row shards): contiguous micro-batches, and micro-batches
+    # that take a slice of each of 2 row shards' groups (a different grouping).
+    for micro, shards in ((1, 1), (4, 1), (2, 2)):
         _, trainable, frozen, tx, update, score, cfg = _setup(
-            name, lora=name == "arca", micro=micro, sgd=True, **kw
+            name, lora=name == "arca", micro=micro, sgd=True, row_shards=shards, **kw
         )
         batch = _full_batch(trainable, frozen, score, cfg)
         state = {"params": trainable, "opt_state": tx.init(trainable), "step": jnp.int32(0)}
@@ -195,3 +198,19 @@ def test_lora_trains_only_adapters():
 
     assert names(trainable) and all("lora" in n for n in names(trainable)), names(trainable)
     assert "q_proj" in names(frozen) and not any("lora" in n for n in names(frozen))
+
+
+def test_sharded_micro_split_takes_a_slice_of_every_shard():
+    from erpo_jax.train._step import _split_micro
+
+    rows = np.arange(16)  # 8 groups of 2 rows, 2 row shards of 4 groups
+    batch = {"rows": rows, "rewards": np.arange(8).reshape(8, 1)}
+    got = _split_micro(batch, 2, shards=2)
+    # micro-batch 0: the first 2 groups of each shard; 1: the next 2 of each
+    np.testing.assert_array_equal(
+        got["rows"], [[0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]]
+    )
+    np.testing.assert_array_equal(got["rewards"][:, :, 0], [[0, 1, 4, 5], [2, 3, 6, 7]])
+    # 3 shards do not divide the groups into slices: the contiguous split
+    plain = _split_micro(batch, 2, shards=3)
+    np.testing.assert_array_equal(plain["rows"], rows.reshape(2, 8))
