@@ -91,6 +91,7 @@ class _Run:
     prompt_budget: int = 0  # the longest prompt (tokens) a rollout accepts
     trainable0: Any = None  # the initial trainable parameters (placed)
     keep_fn: Any = None  # the jitted 80/20 keep-mask, built on first use
+    mini_split: Any = None  # the jitted mini-batch split, built on first use
 
 
 def _say(msg: str) -> None:
@@ -438,6 +439,7 @@ def _step_metrics_from_tokens(entropy: np.ndarray, mask: np.ndarray) -> dict[str
 def _rl_step(run: _Run, state: dict[str, Any], step: int) -> tuple[dict[str, Any], dict[str, Any]]:
     from erpo_jax.losses import high_entropy_mask
     from erpo_jax.train._mesh import global_batch
+    from erpo_jax.train._step import _split_micro
 
     cfg = run.config
     t_start = time.perf_counter()
@@ -464,20 +466,22 @@ def _rl_step(run: _Run, state: dict[str, Any], step: int) -> tuple[dict[str, Any
         batch["token_keep"] = run.keep_fn(batch["entropy"], mask)
     score_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    groups = cfg.rollout.prompts_per_step
-    per_mini = groups // cfg.train.mini_batches
-    g = cfg.rollout.group_size
     step_metrics: list[dict[str, Any]] = []
+    minis = None
+    if cfg.train.mini_batches > 1:
+        # [mini_batches, rows / mini_batches, ...]: mini-batch m holds slice m of
+        # every row shard's groups (contiguous groups on one device), so each
+        # device keeps its own rows and nothing is gathered.
+        if run.mini_split is None:
+            run.mini_split = jax.jit(
+                functools.partial(
+                    _split_micro, micro=cfg.train.mini_batches, shards=_rows(run.mesh)
+                )
+            )
+        minis = run.mini_split(batch)
     for _ in range(cfg.train.num_iterations):
         for m in range(cfg.train.mini_batches):
-            if cfg.train.mini_batches == 1:
-                mini = batch
-            else:
-                rows = slice(m * per_mini * g, (m + 1) * per_mini * g)
-                groups_slice = slice(m * per_mini, (m + 1) * per_mini)
-                mini = {
-                    k: (v[groups_slice] if k == "rewards" else v[rows]) for k, v in batch.items()
-                }
+            mini = batch if minis is None else {k: v[m] for k, v in minis.items()}
             state, metrics = run.update_fn(state, run.frozen, mini)
             step_metrics.append(metrics)
     # One host transfer for the whole step's device metrics.

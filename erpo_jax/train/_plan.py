@@ -563,8 +563,9 @@ def _hints(plan: dict[str, Any], device_gib: float) -> list[str]:
         out.append(f"to fit: update activations take {act:.1f} GiB: " + "; ".join(tips))
         out.append(
             f"note: of these, one layer's float32 attention scores [rows, heads, S+T, S+T] are "
-            f"{plan['attention_scores_gib']:.1f} GiB per device (the decoder's attention "
-            "materializes them; no memory-efficient attention yet), and the head's float32 "
+            f"{plan['attention_scores_gib']:.1f} GiB per device if materialized (the xla "
+            "attention path; model.attention_impl=chunked keeps them O(S * block)), and the "
+            "head's float32 "
             f"logits [rows, T, V] up to {plan['head_logits_gib']:.1f} GiB "
             "(model.logp_chunk_size / vocab_chunk_size in a run config bound those)"
         )

@@ -146,6 +146,7 @@ def test_dynamic_sampling_and_grpo(checkpoint, tmp_path):
             "loss.name=dapo",
             "rollout.dynamic_sampling=true",
             "rollout.max_sampling_tries=2",
+            "train.mini_batches=2",  # two updates per step, each on 2 of the 4 groups
         ),
     )
     train(cfg, out=tmp_path / "dapo", log=lambda _: None)
