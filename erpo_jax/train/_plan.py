@@ -394,6 +394,7 @@ def plan_memory(
         update_fn: Any = make_update_fn(
             graphdef, tx, schedule, loss_fn, loss_cfg, micro_batches=micro_batches, max_len=t,
             temperature=1.0, chunk_size=None, vocab_chunk_size=None, arca=loss == "arca",
+            row_shards=row_shards,  # micro-batches split as the trainer splits them
         )  # fmt: skip
         say("compiling the update step ...")
         t0 = time.perf_counter()
@@ -413,8 +414,10 @@ def plan_memory(
         static = _sampler._Static(
             greedy=False, top_k=None, use_top_p=False, use_min_p=False, max_new_tokens=t,
             cache_length=slots, pad_id=0, use_lora=True, group_size=0,
-            prefix_group=group if mesh.size == 1 else 1,
-            reft_top_n=0, reft_k=0,
+            # as sample(..., mesh=) does: shared prefill when the prompts divide
+            # over the row shards, state and KV cache pinned to the mesh
+            prefix_group=group if (batch // group) % row_shards == 0 else 1,
+            reft_top_n=0, reft_k=0, mesh=mesh,
         )  # fmt: skip
         scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)
         dyn_fields: dict[str, Any] = dict(
