@@ -231,10 +231,12 @@ def plots(grid: Grid, runs: dict[str, list[RunData]], results: Path) -> list[tup
             + [m for m in grid.methods if m == "arca"],
         ),
     ]
+    shown: set[str] = set()
     for tag, methods in sets:
         groups = {m: runs[m] for m in dict.fromkeys(methods) if runs.get(m)}
-        if not groups:
-            continue
+        if not groups or set(groups) <= shown:
+            continue  # nothing that an earlier figure did not already show
+        shown |= set(groups)
         fig = plot_curves(
             groups, PLOT_KEYS, eval_key="pass_at_1_sampled", titles=PLOT_TITLES, smooth=10, ncols=2
         )
