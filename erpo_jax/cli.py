@@ -446,6 +446,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-rank", type=int, default=0)
     p.add_argument("--micro-batches", type=int, default=1)
     p.add_argument("--remat", action="store_true", help="recompute block activations")
+    p.add_argument(
+        "--logp-chunk-size",
+        type=int,
+        default=None,
+        help="the update's log-prob head in chunks of about this many tokens "
+        "(model.logp_chunk_size)",
+    )
     p.set_defaults(fn=_plan)
     return parser
 

@@ -127,6 +127,7 @@ class _Request:
     lora_rank: int
     micro_batches: int
     remat: bool
+    logp_chunk_size: int | None = None
 
 
 def _positive(flag: str, value: Any) -> int:
@@ -182,6 +183,11 @@ def _request(args: argparse.Namespace) -> _Request:
         lora_rank=args.lora_rank,
         micro_batches=micro,
         remat=bool(args.remat),
+        logp_chunk_size=(
+            None
+            if getattr(args, "logp_chunk_size", None) is None
+            else _positive("--logp-chunk-size", args.logp_chunk_size)
+        ),
     )
 
 
@@ -260,6 +266,7 @@ def plan_memory(
     lora_alpha: float = 16.0,
     micro_batches: int = 1,
     remat: bool = False,
+    logp_chunk_size: int | None = None,
     compile_update: bool = True,
     compile_sampler: bool = True,
     log: Callable[[str], None] | None = None,
@@ -282,6 +289,8 @@ def plan_memory(
       lora_rank, lora_alpha: rank > 0 trains LoRA adapters only.
       micro_batches: gradient-accumulation chunks of the update.
       remat: recompute block activations in the backward pass.
+      logp_chunk_size: the update's log-prob head in chunks of about this many
+        tokens (``model.logp_chunk_size``; None: all logits at once).
       compile_update: compile the update step (else its activations are 0).
       compile_sampler: compile the sampler's prefill and decode loop (else
         the sampler temporaries are 0 and the KV cache is the analytic figure).
@@ -393,7 +402,8 @@ def plan_memory(
         loss_fn = make_loss_fn(loss_cfg, max_len=t, total_steps=_TOTAL_STEPS)
         update_fn: Any = make_update_fn(
             graphdef, tx, schedule, loss_fn, loss_cfg, micro_batches=micro_batches, max_len=t,
-            temperature=1.0, chunk_size=None, vocab_chunk_size=None, arca=loss == "arca",
+            temperature=1.0, chunk_size=logp_chunk_size, vocab_chunk_size=None,
+            arca=loss == "arca",
             row_shards=row_shards,  # micro-batches split as the trainer splits them
         )  # fmt: skip
         say("compiling the update step ...")
@@ -468,7 +478,11 @@ def plan_memory(
     rollout_peak = persistent + kv_bytes + sampler_other + sampler_temp
     length = s_bucket + t - 1  # the update's forward runs on prompt + completion, less one
     scores = _attention_scores_bytes(config, batch, length, mesh_shape, micro_batches)
-    logits = -(-batch // (row_shards * micro_batches)) * t * config.vocab_size * 4
+    rows_per_device = -(-batch // (row_shards * micro_batches))
+    if logp_chunk_size is not None:  # a chunk of ~logp_chunk_size tokens at a time
+        logits = min(rows_per_device * t, logp_chunk_size) * config.vocab_size * 4
+    else:
+        logits = rows_per_device * t * config.vocab_size * 4
     return {
         "model_params": config.num_params,
         "mesh": {"data": data, "fsdp": fsdp, "tensor": tensor},
@@ -685,7 +699,8 @@ def _run(req: _Request) -> int:
         plan = plan_memory(
             config, req.mesh, req.batch, req.prompt_len, req.new_tokens, loss=req.loss,
             dtype=req.dtype, lora_rank=req.lora_rank, micro_batches=req.micro_batches,
-            remat=req.remat, log=lambda msg: print(msg, file=sys.stderr, flush=True),
+            remat=req.remat, logp_chunk_size=req.logp_chunk_size,
+            log=lambda msg: print(msg, file=sys.stderr, flush=True),
         )  # fmt: skip
     except PlanError as err:
         print(f"erpo-jax plan: {err}", file=sys.stderr)

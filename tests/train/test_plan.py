@@ -91,6 +91,7 @@ def test_kv_cache_formula():
         (["--loss", "arca"], "--lora-rank"),
         (["--new-tokens", "0"], "--new-tokens"),
         (["--device-gib", "-1"], "--device-gib"),
+        (["--logp-chunk-size", "0"], "--logp-chunk-size"),
     ],
 )
 def test_bad_arguments_exit_2_naming_the_flag(argv, flag, capsys):
@@ -140,6 +141,21 @@ def test_plan_one_device_counts_and_compiled_sizes():
     table, summary = plan_report(plan, "tiny", 1e-6)
     assert "fits in 1e-06 GiB: no" in table and "to fit:" in table
     assert summary["fits"] is False
+
+
+def test_chunked_head_lowers_the_update_temporaries():
+    """--logp-chunk-size plans the update with the chunked log-prob head: with a
+    vocabulary much wider than the model, the [rows, T, V] logits dominate the
+    unchunked update and the chunked one needs less."""
+    import dataclasses
+
+    c = dataclasses.replace(tiny_config(), vocab_size=4096)
+    kw = dict(loss="grpo", dtype="float32", compile_sampler=False)
+    whole = plan_memory(c, (1, 1, 1), 16, 8, 64, **kw)
+    chunked = plan_memory(c, (1, 1, 1), 16, 8, 64, logp_chunk_size=64, **kw)
+    assert chunked["activations_gib"] < 0.5 * whole["activations_gib"]
+    assert chunked["head_logits_gib"] * GIB == 64 * 4096 * 4  # one chunk's float32 logits
+    assert whole["head_logits_gib"] * GIB == 16 * 64 * 4096 * 4
 
 
 def test_lora_counts_adapters_as_trainable():
