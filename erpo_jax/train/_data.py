@@ -25,6 +25,7 @@ every process, so the copy saved by process 0 restores every process.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -56,10 +57,27 @@ _KIND_SUFFIXES = {"jsonl": (".jsonl", ".json"), "parquet": (".parquet",)}
 _STATE_FORMAT = "erpo_jax.PromptStream/1"
 
 
+class CappedSourceWarning(UserWarning):
+    """``num_problems`` kept only the first rows of a larger dataset."""
+
+
 def _cap(problems: Iterable[T], num_problems: int | None) -> tuple[T, ...]:
-    """The first ``num_problems`` items (all when None), as a tuple."""
+    """The first ``num_problems`` items (all when None), as a tuple.
+
+    Dropping rows is announced (:class:`CappedSourceWarning`): the train
+    config's default ``data.num_problems=2000`` would otherwise cut a real
+    dataset silently.
+    """
     items = tuple(problems)
-    return items if num_problems is None else items[:num_problems]
+    if num_problems is not None and len(items) > num_problems:
+        warnings.warn(
+            f"data.num_problems={num_problems} keeps the first {num_problems} of the "
+            f"{len(items)} problems of this source; set data.num_problems=null to use them all",
+            CappedSourceWarning,
+            stacklevel=3,
+        )
+        items = items[:num_problems]
+    return items
 
 
 def _load_file(kind: str, path: str | None, num_problems: int | None) -> tuple[MathProblem, ...]:

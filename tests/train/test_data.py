@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import warnings
 
 import pytest
 
@@ -229,9 +230,22 @@ def test_jsonl_source_skips_the_malformed_row_with_a_warning(tmp_path, kind):
 
 
 def test_num_problems_caps_a_file_source(tmp_path):
-    with pytest.warns(MalformedRowWarning):
-        problems = load_prompt_source("file", path=str(write_jsonl(tmp_path)), num_problems=3)
+    from erpo_jax.train._data import CappedSourceWarning
+
+    path = str(write_jsonl(tmp_path))
+    with (
+        pytest.warns(MalformedRowWarning),
+        pytest.warns(CappedSourceWarning, match=r"keeps the first 3 of the \d+ problems"),
+    ):
+        problems = load_prompt_source("file", path=path, num_problems=3)
     assert [p.answer for p in problems] == ["0", "2", "4"]
+    # no cap, or a cap above the row count: every row, and no warning about it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CappedSourceWarning)
+        warnings.simplefilter("ignore", MalformedRowWarning)
+        everything = load_prompt_source("file", path=path, num_problems=None)
+        assert load_prompt_source("file", path=path, num_problems=1000) == everything
+    assert len(everything) > 3
 
 
 def test_unknown_kind_lists_the_allowed_kinds():
