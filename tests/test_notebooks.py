@@ -97,21 +97,6 @@ print("NOTEBOOK_CHECK " + json.dumps({"fallback_dir": str(fallback_dir)}))
 """,
 }
 
-# A toy-model recipe that trains in about a minute (tests/train/test_toy_model.py's MICRO).
-MICRO = dict(
-    num_train_problems=64,
-    num_eval_problems=8,
-    num_layers=1,
-    hidden_size=32,
-    intermediate_size=64,
-    num_heads=2,
-    num_kv_heads=1,
-    steps=30,
-    batch_size=16,
-    learning_rate=1e-2,
-    warmup_steps=3,
-)
-
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_is_paired_and_stripped(name):
@@ -132,13 +117,13 @@ def test_notebook_is_paired_and_stripped(name):
 @pytest.fixture(scope="module")
 def notebook_checkpoint(tmp_path_factory):
     """None (the notebooks' default, the cached toy model), or a micro model's directory."""
-    from erpo_jax.train import ToyModelRecipe, build_toy_base_model, toy_base_model_dir
+    from toy_micro import MICRO
+
+    from erpo_jax.train import build_toy_base_model, toy_base_model_dir
 
     if toy_base_model_dir(ROOT / "runs" / "toy_models", seed=0).is_dir():
         return None
-    return build_toy_base_model(
-        tmp_path_factory.mktemp("toy"), seed=0, recipe=ToyModelRecipe(**MICRO)
-    )
+    return build_toy_base_model(tmp_path_factory.mktemp("toy"), seed=0, recipe=MICRO)
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from toy_micro import MICRO
 
 from erpo_jax.tasks import countdown_prompt, countdown_reward, generate_countdown
 from erpo_jax.train import _toy_model as toy_model
@@ -16,21 +17,6 @@ from erpo_jax.train._toy_model import (
     build_toy_base_model,
     make_toy_traces,
     toy_base_model_dir,
-)
-
-# A recipe small enough to train in a few seconds on CPU.
-MICRO = ToyModelRecipe(
-    num_train_problems=64,
-    num_eval_problems=8,
-    num_layers=1,
-    hidden_size=32,
-    intermediate_size=64,
-    num_heads=2,
-    num_kv_heads=1,
-    steps=30,
-    batch_size=16,
-    learning_rate=1e-2,
-    warmup_steps=3,
 )
 
 
