@@ -1,9 +1,12 @@
-"""Peer set-up shared by forward.py and sampler.py: thread pools, one tiny Qwen3 in both."""
+"""Peer set-up shared by the benchmarks: thread pools, one tiny Qwen3 in both, timing."""
 
 from __future__ import annotations
 
 import os
+import statistics
 import tempfile
+import time
+from collections.abc import Callable
 from typing import Any
 
 # vocab 4096, hidden 256, intermediate 768, 4 layers, 8 heads, 4 KV heads, head_dim 32, tied.
@@ -19,25 +22,31 @@ TINY_QWEN3 = dict(
 )
 
 
-def pin_threads(threads: int) -> None:
-    """Fix XLA's and torch's thread counts; call before jax or torch is imported."""
+def pin_xla_threads(threads: int) -> None:
+    """Fix XLA's thread count (CPU platform); call before jax is imported."""
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "")
         + f" --xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'}"
         + f" intra_op_parallelism_threads={threads}"
     )
+
+
+def pin_threads(threads: int) -> None:
+    """Fix XLA's and torch's thread counts; call before jax or torch is imported."""
+    pin_xla_threads(threads)
     import torch
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
 
 
-def tiny_qwen3_pair(**load_kw: Any) -> tuple[Any, Any, Any]:
+def tiny_qwen3_pair(save_dir: str | None = None, **load_kw: Any) -> tuple[Any, Any, Any]:
     """``(hf_config, torch_model, our_model)`` with the same random weights.
 
-    The torch model is written with ``save_pretrained`` and read back by
-    ``erpo_jax.models.load_hf_checkpoint(**load_kw)``.
+    The torch model is written with ``save_pretrained`` (to ``save_dir``,
+    which is kept for other loaders, or else to a temporary directory) and
+    read back by ``erpo_jax.models.load_hf_checkpoint(**load_kw)``.
     """
     import torch
     from transformers import AutoModelForCausalLM, Qwen3Config
@@ -46,7 +55,66 @@ def tiny_qwen3_pair(**load_kw: Any) -> tuple[Any, Any, Any]:
 
     hf_config = Qwen3Config(**TINY_QWEN3)
     torch_model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).eval()
+    if save_dir is not None:
+        torch_model.save_pretrained(save_dir)
+        model, _ = load_hf_checkpoint(save_dir, **load_kw)
+        return hf_config, torch_model, model
     with tempfile.TemporaryDirectory() as path:
         torch_model.save_pretrained(path)
         model, _ = load_hf_checkpoint(path, **load_kw)
     return hf_config, torch_model, model
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
+    """Median wall time of ``repeats`` calls of ``fn``, after one untimed warm-up call."""
+    fn()  # warm-up (allocator, thread pools)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def transformers_sampler(
+    torch_model: Any, tokens: Any, mask: Any, new_tokens: int, num_return_sequences: int = 1
+) -> Callable[[], tuple[Any, Any, Any]]:
+    """A call of ``generate`` that returns ``(new_tokens, logp, entropy)``, each ``[B, T]``.
+
+    ``B = len(tokens) * num_return_sequences``, rows prompt-major. Temperature
+    1, no truncation, no EOS (every row runs to ``new_tokens``); log-probs and
+    entropies of the sampling distribution come the usual way,
+    ``output_logits=True`` then a log-softmax over the stacked logits, inside
+    the call so they are timed with the generation.
+    """
+    import torch
+
+    input_ids = torch.tensor(tokens, dtype=torch.long)
+    attention_mask = torch.tensor(mask, dtype=torch.long)
+    s = input_ids.shape[1]
+
+    def generate():
+        with torch.inference_mode():
+            gen = torch_model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                num_return_sequences=num_return_sequences,
+                output_logits=True,
+                return_dict_in_generate=True,
+                pad_token_id=0,
+                eos_token_id=None,
+            )
+            logits = torch.stack(gen.logits, dim=1).float()  # [B, T, V]
+            logq = torch.log_softmax(logits, dim=-1)
+            new = gen.sequences[:, s:]
+            logp = logq.gather(-1, new[..., None])[..., 0]
+            entropy = -(logq.exp() * logq).sum(-1)
+            return new, logp, entropy
+
+    return generate

@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 
-from _tiny_qwen3 import pin_threads, tiny_qwen3_pair
+from _tiny_qwen3 import median_seconds, pin_threads, tiny_qwen3_pair, transformers_sampler
 
 
 def _parse():
@@ -35,16 +34,6 @@ def _parse():
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     return p.parse_args()
-
-
-def _median_seconds(fn, repeats):
-    fn()  # warm-up (allocator, thread pools)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main():
@@ -87,36 +76,12 @@ def main():
     first_s = time.perf_counter() - t0
     assert int(out.lengths.min()) == t
 
-    input_ids = torch.tensor(tokens, dtype=torch.long)
-    attention_mask = torch.tensor(mask, dtype=torch.long)
-
-    def theirs():
-        with torch.inference_mode():
-            gen = torch_model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                do_sample=True,
-                temperature=1.0,
-                top_k=0,
-                top_p=1.0,
-                max_new_tokens=t,
-                min_new_tokens=t,
-                output_logits=True,
-                return_dict_in_generate=True,
-                pad_token_id=0,
-                eos_token_id=None,
-            )
-            logits = torch.stack(gen.logits, dim=1).float()  # [B, T, V]
-            logq = torch.log_softmax(logits, dim=-1)
-            new = gen.sequences[:, s:]
-            logp = logq.gather(-1, new[..., None])[..., 0]
-            entropy = -(logq.exp() * logq).sum(-1)
-            return new, logp, entropy
+    theirs = transformers_sampler(torch_model, tokens, mask, t)
 
     # Blocks, not alternation: torch's OpenMP workers spin after each call and
     # would steal cores from XLA's pool if the two were interleaved call by call.
-    jax_s = _median_seconds(ours, args.repeats)
-    torch_s = _median_seconds(theirs, args.repeats)
+    jax_s = median_seconds(ours, args.repeats)
+    torch_s = median_seconds(theirs, args.repeats)
     new, _, torch_entropy = theirs()
     assert tuple(new.shape) == (b, t)
 
