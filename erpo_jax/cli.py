@@ -453,6 +453,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the update's log-prob head in chunks of about this many tokens "
         "(model.logp_chunk_size)",
     )
+    p.add_argument(
+        "--sequence-parallel",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with tensor > 1, split the update's residual stream along the sequence over the "
+        "tensor axis, as the trainer does by default (model.sequence_parallel)",
+    )
     p.set_defaults(fn=_plan)
     return parser
 

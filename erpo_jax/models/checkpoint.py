@@ -207,6 +207,7 @@ def load_hf_checkpoint(
     remat: bool = False,
     attention_impl: str = "auto",
     attention_block: int = 512,
+    residual_sharding: jax.sharding.Sharding | None = None,
 ) -> tuple[Decoder, ModelConfig]:
     """Loads a Hugging Face Llama 3 / Qwen2 / Qwen3 checkpoint directory.
 
@@ -219,8 +220,8 @@ def load_hf_checkpoint(
       mesh: optional ``jax.sharding.Mesh``; parameters are placed with
         :func:`param_partition_spec` and each device reads only its shard.
         Without it, parameters go to the default device.
-      scan_layers, remat, attention_impl, attention_block: passed to
-        :class:`Decoder`.
+      scan_layers, remat, attention_impl, attention_block, residual_sharding:
+        passed to :class:`Decoder`.
 
     Returns:
       ``(model, config)``.
@@ -252,6 +253,7 @@ def load_hf_checkpoint(
             remat=remat,
             attention_impl=attention_impl,
             attention_block=attention_block,
+            residual_sharding=residual_sharding,
             rngs=nnx.Rngs(0),
         )
     )

@@ -175,19 +175,24 @@ def _linear(x, p, name, *, dtype, use_lora, lora_scale):
     return y
 
 
-def _block(p, x, cos, sin, visible, kv, *, config, dtype, use_lora, lora_scale, attend):
+def _block(p, x, cos, sin, visible, kv, *, config, dtype, use_lora, lora_scale, attend,
+           gather=None):  # fmt: skip
     """One decoder block on ``x [B, S, D]``.
 
     ``visible`` is ``(q_slots [S], kv_mask [B, C])`` (see
     :mod:`erpo_jax.models.attention`). ``kv`` is ``None`` (attend within
     ``x``) or a function ``kv(k, v)`` that stores this block's new keys and
-    values in the cache and returns the ``(k, v)`` to attend to.
+    values in the cache and returns the ``(k, v)`` to attend to. ``gather``
+    (sequence parallelism) makes the normalized inputs of attention and the
+    MLP whole along the sequence, so the tensor axis splits heads and hidden
+    units there, not the sequence.
     """
+    gather = gather or (lambda h: h)
     b, s, _ = x.shape
     hd = config.head_dim
     lin = functools.partial(_linear, p=p, dtype=dtype, use_lora=use_lora, lora_scale=lora_scale)
 
-    h = _rms_norm(x, p["attn_norm"], config.rms_norm_eps, dtype)
+    h = gather(_rms_norm(x, p["attn_norm"], config.rms_norm_eps, dtype))
     q = lin(h, name="q_proj").reshape(b, s, config.num_heads, hd)
     k = lin(h, name="k_proj").reshape(b, s, config.num_kv_heads, hd)
     v = lin(h, name="v_proj").reshape(b, s, config.num_kv_heads, hd)
@@ -200,7 +205,7 @@ def _block(p, x, cos, sin, visible, kv, *, config, dtype, use_lora, lora_scale, 
         k, v = kv(k, v)
     x = x + lin(attend(q, k, v, *visible), name="o_proj")
 
-    h = _rms_norm(x, p["mlp_norm"], config.rms_norm_eps, dtype)
+    h = gather(_rms_norm(x, p["mlp_norm"], config.rms_norm_eps, dtype))
     gate = lin(h, name="gate_proj")
     up = lin(h, name="up_proj")
     return x + lin(jax.nn.silu(gate) * up, name="down_proj")
@@ -254,6 +259,14 @@ class Decoder(nnx.Module):
         softmax, ``O(S * attention_block)`` memory forward and backward),
         ``"cudnn"`` (GPU) or ``"auto"`` (picks by backend and length).
       attention_block: keys per block of the chunked implementation.
+      residual_sharding: a sharding for the ``[B, S, D]`` residual stream
+        between blocks in the cache-free forward (training, scoring), or
+        None. ``NamedSharding(mesh, P(("data", "fsdp"), "tensor"))`` splits
+        the sequence over the tensor axis (sequence parallelism): the block
+        inputs that ``remat`` keeps for the backward pass then take
+        ``1 / tensor`` of the memory, and the compiler gathers the sequence
+        for attention and the MLP. Cached prefill and decoding ignore it.
+        Not a parameter: it is not saved with the weights.
       rngs: initialization randomness (weights ~ N(0, 0.02), norms 1, biases 0).
 
     Use ``model(tokens, mask)`` for logits, :meth:`hidden_states` plus
@@ -272,6 +285,7 @@ class Decoder(nnx.Module):
         remat: bool = False,
         attention_impl: str = "auto",
         attention_block: int = 512,
+        residual_sharding: jax.sharding.Sharding | None = None,
         rngs: nnx.Rngs,
     ):
         check_attention_impl(attention_impl)
@@ -284,6 +298,7 @@ class Decoder(nnx.Module):
         self.remat = remat
         self.attention_impl = attention_impl
         self.attention_block = attention_block
+        self.residual_sharding = residual_sharding
         init = nnx.initializers.normal(0.02)
         v, d = config.vocab_size, config.hidden_size
         self.embed = nnx.Param(init(rngs.params(), (v, d), param_dtype))
@@ -474,6 +489,21 @@ class Decoder(nnx.Module):
         angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, S, H/2]
         cos, sin = jnp.cos(angles)[:, :, None], jnp.sin(angles)[:, :, None]
         params = self.layers.arrays()
+        sharding = self.residual_sharding if cache is None else None
+
+        def pin(x):
+            # Outside the checkpoint, so the block inputs remat saves are pinned.
+            return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+        def unpin(x):
+            # The sequence whole (rows keep their sharding): block internals, the head.
+            if sharding is None:
+                return x
+            rows = jax.sharding.PartitionSpec(sharding.spec[0])
+            return jax.lax.with_sharding_constraint(
+                x, jax.sharding.NamedSharding(sharding.mesh, rows)
+            )
+
         block = functools.partial(
             _block,
             config=self.config,
@@ -483,6 +513,7 @@ class Decoder(nnx.Module):
             attend=functools.partial(
                 attention, impl=self.attention_impl, block_size=self.attention_block
             ),
+            gather=None if sharding is None else unpin,
         )
 
         def layer(p, x, cache_k, cache_v):
@@ -507,9 +538,10 @@ class Decoder(nnx.Module):
         if self.remat:
             layer = jax.checkpoint(layer)
         num_layers = self.config.num_layers
+        x = pin(x)
         if self.scan_layers and cache is None:
-            x, _ = jax.lax.scan(lambda x, p: (layer(p, x, None, None)[0], None), x, params)
-            return x, None
+            x, _ = jax.lax.scan(lambda x, p: (pin(layer(p, x, None, None)[0]), None), x, params)
+            return unpin(x), None
         # With a KV cache the layers are always unrolled: scanning would stack
         # and split the per-layer caches (a full copy) at every decode step.
         new_k, new_v = [], []
@@ -517,6 +549,7 @@ class Decoder(nnx.Module):
             p = jax.tree.map(lambda a, i=i: a[i], params)
             ck, cv = (None, None) if cache is None else (cache[0][i], cache[1][i])
             x, ck, cv = layer(p, x, ck, cv)
+            x = pin(x)
             new_k.append(ck)
             new_v.append(cv)
-        return x, (None if cache is None else (tuple(new_k), tuple(new_v)))
+        return unpin(x), (None if cache is None else (tuple(new_k), tuple(new_v)))

@@ -9,8 +9,8 @@
 - :func:`make_loss_fn`: ``loss.name`` -> the pure loss the step differentiates.
 - :func:`make_update_fn` / :func:`make_score_fn` / :func:`make_optimizer`:
   the jitted pieces.
-- :func:`make_mesh`, :func:`place_params`, :func:`global_batch`: the mesh
-  and the sharding rules.
+- :func:`make_mesh`, :func:`place_params`, :func:`global_batch`,
+  :func:`residual_sharding`: the mesh and the sharding rules.
 - :func:`build_toy_base_model`: the toy Countdown base model (supervised
   warm-up with the trainer's optimizer and metrics writer).
 """
@@ -43,6 +43,7 @@ from erpo_jax.train._mesh import (
     make_mesh,
     place_params,
     place_state,
+    residual_sharding,
 )
 from erpo_jax.train._metrics import MetricsWriter, read_metrics
 from erpo_jax.train._step import (
@@ -92,6 +93,7 @@ __all__ = [
     "place_params",
     "place_state",
     "read_metrics",
+    "residual_sharding",
     "split_policy",
     "toy_base_model_dir",
     "train",

@@ -92,6 +92,10 @@ class ModelSpec:
       attention_impl: ``auto``, ``xla``, ``chunked`` (blockwise, memory linear
         in length) or ``cudnn`` (GPU); see ``erpo_jax.models.attention``.
       attention_block: keys per block of the chunked attention.
+      sequence_parallel: when ``mesh.tensor > 1``, split the training
+        forward's residual stream along the sequence over the tensor axis
+        (``Decoder(residual_sharding=...)``), so the block inputs that remat
+        keeps take ``1 / tensor`` of the memory. Values are unchanged.
     """
 
     checkpoint: str = "toy"
@@ -105,6 +109,7 @@ class ModelSpec:
     vocab_chunk_size: Optional[int] = None  # noqa: UP045
     attention_impl: str = "auto"
     attention_block: int = 512
+    sequence_parallel: bool = True
 
     def __post_init__(self):
         _choice("model.dtype", self.dtype, COMPUTE_DTYPES)

@@ -138,7 +138,7 @@ def _build(cfg: RunConfig, out: Path, log: Callable[[str], None]) -> _Run:
     from erpo_jax.tasks import make_task
     from erpo_jax.train._data import PromptStream, load_prompt_source
     from erpo_jax.train._losses import make_loss_fn
-    from erpo_jax.train._mesh import make_mesh, place_params
+    from erpo_jax.train._mesh import make_mesh, place_params, residual_sharding
     from erpo_jax.train._step import make_optimizer, make_score_fn, make_update_fn, split_policy
 
     mesh = make_mesh(cfg.mesh)
@@ -170,6 +170,7 @@ def _build(cfg: RunConfig, out: Path, log: Callable[[str], None]) -> _Run:
         scan_layers=cfg.model.scan_layers,
         attention_impl=cfg.model.attention_impl,
         attention_block=cfg.model.attention_block,
+        residual_sharding=residual_sharding(mesh) if cfg.model.sequence_parallel else None,
     )
     tokenizer = load_tokenizer(checkpoint)
     eos_ids = resolve_eos_ids(model_config, tokenizer, checkpoint)

@@ -19,7 +19,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from erpo_jax.models import param_partition_spec
 from erpo_jax.train._config import ConfigError, MeshConfig
 
-__all__ = ["AXES", "batch_sharding", "global_batch", "make_mesh", "place_params", "place_state"]
+__all__ = [
+    "AXES",
+    "batch_sharding",
+    "global_batch",
+    "make_mesh",
+    "place_params",
+    "place_state",
+    "residual_sharding",
+]
 
 AXES: tuple[str, str, str] = ("data", "fsdp", "tensor")
 
@@ -77,6 +85,18 @@ def place_state(state: Any, mesh: Mesh) -> Any:
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Rows over ``(data, fsdp)``, other axes replicated."""
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def residual_sharding(mesh: Mesh) -> NamedSharding | None:
+    """Sequence parallelism for the training forward's residual stream.
+
+    Rows over ``(data, fsdp)`` and the sequence over ``tensor``, for
+    ``Decoder(residual_sharding=...)``; None when the tensor axis is 1 (the
+    rows' sharding already holds).
+    """
+    if mesh.shape["tensor"] == 1:
+        return None
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), "tensor", None))
 
 
 def global_batch(local: dict[str, Any], mesh: Mesh) -> dict[str, jax.Array]:

@@ -128,6 +128,7 @@ class _Request:
     micro_batches: int
     remat: bool
     logp_chunk_size: int | None = None
+    sequence_parallel: bool = True
 
 
 def _positive(flag: str, value: Any) -> int:
@@ -188,6 +189,7 @@ def _request(args: argparse.Namespace) -> _Request:
             if getattr(args, "logp_chunk_size", None) is None
             else _positive("--logp-chunk-size", args.logp_chunk_size)
         ),
+        sequence_parallel=bool(getattr(args, "sequence_parallel", True)),
     )
 
 
@@ -267,6 +269,7 @@ def plan_memory(
     micro_batches: int = 1,
     remat: bool = False,
     logp_chunk_size: int | None = None,
+    sequence_parallel: bool = True,
     compile_update: bool = True,
     compile_sampler: bool = True,
     log: Callable[[str], None] | None = None,
@@ -291,6 +294,8 @@ def plan_memory(
       remat: recompute block activations in the backward pass.
       logp_chunk_size: the update's log-prob head in chunks of about this many
         tokens (``model.logp_chunk_size``; None: all logits at once).
+      sequence_parallel: split the training forward's residual stream over
+        the tensor axis (``model.sequence_parallel``; no-op when tensor is 1).
       compile_update: compile the update step (else its activations are 0).
       compile_sampler: compile the sampler's prefill and decode loop (else
         the sampler temporaries are 0 and the KV cache is the analytic figure).
@@ -316,7 +321,7 @@ def plan_memory(
     from erpo_jax.sampling import _sampler
     from erpo_jax.train._config import LossConfig, MeshConfig, OptimizerConfig
     from erpo_jax.train._losses import make_loss_fn
-    from erpo_jax.train._mesh import batch_sharding, make_mesh
+    from erpo_jax.train._mesh import batch_sharding, make_mesh, residual_sharding
     from erpo_jax.train._step import make_optimizer, make_update_fn, split_policy
 
     say = log or (lambda _msg: None)
@@ -338,12 +343,13 @@ def plan_memory(
     compute = jnp.dtype(dtype)
     lora = lora_rank > 0
     loss_cfg = LossConfig(name=loss)
+    residual = residual_sharding(mesh) if sequence_parallel else None
 
     def build() -> Decoder:
         # Layers scanned: one compiled block, so a 28-36 layer model compiles
         # as fast as a 2-layer one (the cached sampler path unrolls anyway).
         model = Decoder(config, dtype=compute, param_dtype=jnp.float32, scan_layers=True,
-                        remat=remat, rngs=nnx.Rngs(0))  # fmt: skip
+                        remat=remat, residual_sharding=residual, rngs=nnx.Rngs(0))  # fmt: skip
         if lora:
             add_lora(model, rank=lora_rank, alpha=lora_alpha, rngs=nnx.Rngs(1))
         return model
@@ -498,6 +504,7 @@ def plan_memory(
         "lora_rank": lora_rank,
         "micro_batches": micro_batches,
         "remat": remat,
+        "sequence_parallel": sequence_parallel and tensor > 1,
         "needs_reference": loss_cfg.needs_reference,
         "update_compiled": compile_update,
         "sampler_compiled": compile_sampler,
@@ -565,6 +572,8 @@ def _hints(plan: dict[str, Any], device_gib: float) -> list[str]:
         tips = []
         if not plan["remat"]:
             tips.append("--remat (keeps each layer's input instead of its internals)")
+        if m["tensor"] > 1 and not plan.get("sequence_parallel", False):
+            tips.append("--sequence-parallel (each tensor device keeps 1/tensor of those inputs)")
         # Micro-batches hold whole groups and keep rows divisible over data*fsdp.
         prompts, batch = plan["prompts"], plan["batch"]
         options = [
@@ -700,6 +709,7 @@ def _run(req: _Request) -> int:
             config, req.mesh, req.batch, req.prompt_len, req.new_tokens, loss=req.loss,
             dtype=req.dtype, lora_rank=req.lora_rank, micro_batches=req.micro_batches,
             remat=req.remat, logp_chunk_size=req.logp_chunk_size,
+            sequence_parallel=req.sequence_parallel,
             log=lambda msg: print(msg, file=sys.stderr, flush=True),
         )  # fmt: skip
     except PlanError as err:

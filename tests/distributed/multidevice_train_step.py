@@ -4,6 +4,8 @@ Meshes (data, fsdp, tensor) = (8,1,1), (2,4,1) and (1,4,2): parameters placed
 by the trainer's sharding rules (erpo_jax.train.place_params), the batch
 sharded over (data, fsdp) (global_batch), then the jitted score forward and
 update. Loss, metrics and updated parameters must match one device to 1e-5.
+The model is built as the trainer builds it, with sequence parallelism on
+the mesh with a tensor axis.
 Run by tests/distributed/test_multidevice.py with XLA_FLAGS set.
 """
 
@@ -25,6 +27,7 @@ from erpo_jax.train import (
     make_score_fn,
     make_update_fn,
     place_params,
+    residual_sharding,
     split_policy,
 )
 
@@ -68,7 +71,8 @@ def batch_arrays():
 
 def one_step(mesh_cfg: MeshConfig, devices, shards=None):
     mesh = make_mesh(mesh_cfg, devices)
-    model = Decoder(CONFIG, rngs=nnx.Rngs(0))
+    # As the trainer builds it: sequence parallelism on meshes with tensor > 1.
+    model = Decoder(CONFIG, rngs=nnx.Rngs(0), residual_sharding=residual_sharding(mesh))
     graphdef, trainable, frozen = split_policy(model, lora=False)
     hd = CONFIG.head_dim
     trainable = place_params(trainable, mesh, head_dim=hd)

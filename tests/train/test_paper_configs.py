@@ -26,9 +26,9 @@ PAPER = {
 # the file as written does not fit (command-line overrides, no edits).
 VARIANTS = {
     "qwen3_1p7b_math_grpo.yaml": "mesh.fsdp=1 mesh.tensor=8 rollout.prompts_per_step=16 "
-    "rollout.max_new_tokens=2048 train.mini_batches=1 train.micro_batches=16 eval.batch_size=16",
+    "train.mini_batches=1 train.micro_batches=16 eval.batch_size=16",
     "qwen3_1p7b_math_erpo.yaml": "mesh.fsdp=1 mesh.tensor=8 rollout.prompts_per_step=16 "
-    "rollout.max_new_tokens=2048 train.mini_batches=1 train.micro_batches=16 eval.batch_size=16",
+    "train.mini_batches=1 train.micro_batches=16 eval.batch_size=16",
     "qwen3_1p7b_math_arca.yaml": "mesh.fsdp=1 mesh.tensor=8 rollout.prompts_per_step=32 "
     "train.mini_batches=1 train.micro_batches=16 eval.batch_size=16",
     "qwen2p5_math_7b_holder.yaml": "rollout.prompts_per_step=16 train.mini_batches=1 "
