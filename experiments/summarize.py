@@ -246,7 +246,7 @@ def plots(grid: Grid, runs: dict[str, list[RunData]], results: Path) -> list[tup
     return figures
 
 
-def write(grid: Grid, results: Path, argv: list[str]) -> Path:
+def write(grid: Grid, results: Path, argv: list[str], notes: Path | None = None) -> Path:
     runs, unfinished = collect(grid)
     results.mkdir(parents=True, exist_ok=True)
     main_methods = [m for m in grid.methods if runs.get(m)]
@@ -314,6 +314,10 @@ def write(grid: Grid, results: Path, argv: list[str]) -> Path:
                 *ablation_lines(runs, grid.sweep_base, sweep),
                 "",
             ]
+    if notes is not None and notes.is_file():
+        # Hand-written reading of the numbers (kept beside the grid, so a
+        # regenerated summary keeps it); it must be revised as runs finish.
+        lines += ["## Notes (hand-written)", "", notes.read_text().strip(), ""]
     figures = plots(grid, runs, results)
     if figures:
         lines += ["## Plots", ""]
@@ -339,7 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     except (GridError, FileNotFoundError) as err:
         print(f"summarize: {err}", file=sys.stderr)
         return 2
-    path = write(grid, Path(args.results), argv)
+    # Hand-written notes beside the grid file: <grid stem>_notes.md.
+    notes = Path(args.grid).with_name(Path(args.grid).stem + "_notes.md")
+    path = write(grid, Path(args.results), argv, notes)
     print(f"summarize: wrote {path}", file=sys.stderr)
     return 0
 
