@@ -186,6 +186,14 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
     return int(value)
 
 
+def _rows_divide(mesh: Any, rows: int) -> bool:
+    """Whether ``rows`` split evenly over ``mesh``'s row axes (False without a mesh)."""
+    if mesh is None:
+        return False
+    shards = math.prod(mesh.shape[a] for a in ("data", "fsdp") if a in mesh.axis_names)
+    return rows % shards == 0
+
+
 def _mean(values: Sequence[float]) -> float | None:
     return float(np.mean(values)) if len(values) else None
 
@@ -241,6 +249,7 @@ def evaluate(
     use_lora: bool = True,
     max_prompt_tokens: int | None = None,
     samples_path: str | Path | None = None,
+    mesh: Any = None,
 ) -> EvalResult:
     """Sample, score and summarize a policy on a list of problems.
 
@@ -273,6 +282,11 @@ def evaluate(
         as its batch is scored, so an interrupted evaluation leaves its partial
         results (the file is started afresh; :meth:`EvalResult.write` later
         rewrites it in order).
+      mesh: shard each sampler call's rows (and KV cache) over this
+        ``jax.sharding.Mesh``'s ``(data, fsdp)`` axes, as the trainer's
+        rollout does (:func:`erpo_jax.sampling.sample`). A phase whose rows
+        per call (``batch_size`` x samples) do not divide over them samples
+        unsharded instead; results are the same either way.
 
     Returns:
       :class:`EvalResult`. ``summary["verifier"]`` counts scored samples,
@@ -359,6 +373,7 @@ def evaluate(
     try:
         for kind, group in phases:
             so_far: list[float] = []
+            phase_mesh = mesh if _rows_divide(mesh, batch_size * group) else None
             for b in range(num_batches):
                 first = b * batch_size
                 real = min(batch_size, len(items) - first)
@@ -377,6 +392,7 @@ def evaluate(
                     pad_id=pad_id,
                     greedy=kind == "greedy",
                     use_lora=use_lora,
+                    mesh=phase_mesh,
                 )
                 entropy, mask = jax.device_get((rollout.entropy, rollout.mask))
                 sampling_s += time.perf_counter() - t0

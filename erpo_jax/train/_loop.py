@@ -534,6 +534,7 @@ def _evaluate(run: _Run, params: Any) -> dict[str, Any]:
         pad_id=run.pad_id,
         progress=False,
         max_prompt_tokens=run.prompt_budget,
+        mesh=run.mesh,
     )
     return {k: result.summary.get(k) for k in _EVAL_KEYS}
 

@@ -405,3 +405,25 @@ def test_samples_are_written_as_they_are_scored(loaded, tmp_path):
     assert sorted(json.dumps(r, sort_keys=True) for r in rows) == sorted(
         json.dumps(r.to_json(), sort_keys=True) for r in result.samples
     )
+
+
+def test_evaluate_on_a_mesh_gives_the_same_samples(loaded):
+    """``mesh=`` shards each sampler call's rows (here over one device, so the
+    sharded sampler path runs in-process); a phase whose rows do not divide over
+    the row axes samples unsharded. Same completions either way."""
+    import jax
+    from jax.sharding import AbstractMesh
+
+    from erpo_jax.rollout._evaluate import _rows_divide
+    from erpo_jax.train import MeshConfig, make_mesh
+
+    two_by_four = AbstractMesh((2, 4, 1), ("data", "fsdp", "tensor"))
+    assert _rows_divide(two_by_four, 16) and not _rows_divide(two_by_four, 12)
+    assert not _rows_divide(None, 16)
+    problems = generate_countdown(3, seed=2, split="test", level="easy")
+    plain = _run(loaded, problems)
+    sharded = _run(loaded, problems, mesh=make_mesh(MeshConfig(data=1), jax.devices()[:1]))
+    key = lambda r: (r.kind, r.problem_index, r.sample_index, r.completion, r.reward)
+    assert [key(r) for r in sharded.samples] == [key(r) for r in plain.samples]
+    for field in ("pass_at_1_greedy", "pass_at_1_sampled", "pass_at_k"):
+        assert sharded.summary[field] == plain.summary[field], field
