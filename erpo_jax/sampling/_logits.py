@@ -243,5 +243,31 @@ def sample_from_logits(
         return _score(z, None, jnp.argmax(z, axis=-1).astype(jnp.int32), True)
     keep = _keep(z, top_k, top_p, min_p)
     z_draw = z if keep is None else jnp.where(keep, z, -jnp.inf)
-    tokens = jax.vmap(jax.random.categorical)(keys, z_draw).astype(jnp.int32)
+    tokens = _inverse_cdf_draw(keys, z_draw)
     return _score(z, keep, tokens, False)
+
+
+_CDF_BLOCK = 128
+
+
+def _inverse_cdf_draw(keys: Array, z: Array) -> Array:
+    """One token per row from ``softmax(z)`` by inverse-CDF sampling.
+
+    One uniform per row instead of ``jax.random.categorical``'s V Gumbel
+    draws: on CPU the Gumbel noise for 128 rows x 4,096 tokens cost about a
+    third of a tiny model's decode step. The same distribution: row ``b``
+    takes the first token whose cumulative weight reaches ``u * total`` with
+    ``u`` uniform in (0, 1], so a token of weight 0 (truncated, ``-inf``) is
+    never drawn. The cumulative sum runs in blocks of 128 tokens plus a sum
+    over blocks, so its float32 rounding grows with ``128 + V / 128``, not V.
+    """
+    b, v = z.shape
+    w = jnp.exp(z - jnp.max(z, axis=-1, keepdims=True))  # -inf -> 0
+    pad = -v % _CDF_BLOCK
+    w = jnp.pad(w, ((0, 0), (0, pad))).reshape(b, -1, _CDF_BLOCK)
+    within = jnp.cumsum(w, axis=-1)
+    before = jnp.cumsum(within[:, :, -1], axis=-1) - within[:, :, -1]
+    c = (before[:, :, None] + within).reshape(b, -1)
+    u = 1.0 - jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys)  # (0, 1]
+    below = c < (u * c[:, -1])[:, None]
+    return jnp.minimum(jnp.sum(below, axis=-1), v - 1).astype(jnp.int32)

@@ -100,3 +100,28 @@ def test_top_p_without_a_sort_equals_the_sorted_definition(scale):
         checked += int(clear.sum())
         assert got.any(axis=1).all()
     assert checked > 300
+
+
+def test_draws_follow_the_truncated_distribution():
+    """Empirical frequencies of many independent draws match softmax of the kept
+    logits (4 standard errors), and truncated tokens are never drawn, for a
+    vocabulary that spans several cumulative-sum blocks."""
+    rows, v = 40_000, 300
+    rng = np.random.default_rng(0)
+    logits = np.zeros(v, np.float32)
+    logits[[3, 150, 299]] = [2.0, 1.5, 1.0]  # three likely tokens in three blocks
+    logits[[10, 200]] = -np.inf  # never drawn
+    probs = np.exp(logits - logits[np.isfinite(logits)].max())
+    probs /= probs.sum()
+    keys = jax.random.split(jax.random.key(int(rng.integers(1 << 30))), rows)
+    out = sample_from_logits(jnp.broadcast_to(jnp.asarray(logits), (rows, v)), keys)
+    counts = np.bincount(np.asarray(out.tokens), minlength=v)
+    assert counts[10] == 0 and counts[200] == 0
+    freq = counts / rows
+    stderr = np.sqrt(probs * (1 - probs) / rows)
+    for tok in (3, 150, 299, 0, 298):
+        assert abs(freq[tok] - probs[tok]) < 4 * stderr[tok] + 1e-4, (tok, freq[tok], probs[tok])
+    # The long tail as a whole (296 tokens of weight e^0) as well.
+    tail = np.setdiff1d(np.arange(v), [3, 150, 299, 10, 200])
+    p_tail = probs[tail].sum()
+    assert abs(freq[tail].sum() - p_tail) < 4 * np.sqrt(p_tail * (1 - p_tail) / rows)
