@@ -188,10 +188,9 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
 
 def _rows_divide(mesh: Any, rows: int) -> bool:
     """Whether ``rows`` split evenly over ``mesh``'s row axes (False without a mesh)."""
-    if mesh is None:
-        return False
-    shards = math.prod(mesh.shape[a] for a in ("data", "fsdp") if a in mesh.axis_names)
-    return rows % shards == 0
+    from erpo_jax.sampling._sampler import _row_shards  # the sampler's own rule
+
+    return mesh is not None and rows % _row_shards(mesh) == 0
 
 
 def _mean(values: Sequence[float]) -> float | None:
