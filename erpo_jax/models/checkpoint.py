@@ -257,7 +257,8 @@ def load_hf_checkpoint(
             rngs=nnx.Rngs(0),
         )
     )
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    # This process's first device (multi-host: jax.devices()[0] may be another host's).
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     for spec in specs:
         sharding: jax.sharding.Sharding
         if mesh is None:

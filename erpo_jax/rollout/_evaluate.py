@@ -48,6 +48,7 @@ from erpo_jax.rollout._generate import (
     split_long_prompts,
 )
 from erpo_jax.rollout._rewards import RewardPool
+from erpo_jax.sampling._hosts import multihost
 from erpo_jax.tasks import (
     TASKS,
     CountdownProblem,
@@ -190,7 +191,7 @@ def _rows_divide(mesh: Any, rows: int) -> bool:
     """Whether ``rows`` split evenly over ``mesh``'s row axes (False without a mesh)."""
     from erpo_jax.sampling._sampler import _row_shards  # the sampler's own rule
 
-    return mesh is not None and rows % _row_shards(mesh) == 0
+    return mesh is not None and (rows * jax.process_count()) % _row_shards(mesh) == 0
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -285,7 +286,10 @@ def evaluate(
         ``jax.sharding.Mesh``'s ``(data, fsdp)`` axes, as the trainer's
         rollout does (:func:`erpo_jax.sampling.sample`). A phase whose rows
         per call (``batch_size`` x samples) do not divide over them samples
-        unsharded instead; results are the same either way.
+        unsharded instead; results are the same either way. Multi-host
+        (several processes): every process evaluates all the problems, as its
+        own rows of each sampler call, and gets the same result; the rows per
+        call must then divide.
 
     Returns:
       :class:`EvalResult`. ``summary["verifier"]`` counts scored samples,
@@ -373,6 +377,12 @@ def evaluate(
         for kind, group in phases:
             so_far: list[float] = []
             phase_mesh = mesh if _rows_divide(mesh, batch_size * group) else None
+            if phase_mesh is None and multihost(mesh):
+                raise ValueError(
+                    f"evaluate: {kind} rows per call (batch_size={batch_size} x {group}) times "
+                    f"{jax.process_count()} processes do not divide over the mesh's row "
+                    "shards (data x fsdp); choose eval.batch_size so that they do"
+                )
             for b in range(num_batches):
                 first = b * batch_size
                 real = min(batch_size, len(items) - first)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from erpo_jax.sampling import bucket_length, sample
+from erpo_jax.sampling._hosts import local_rows, multihost
 from erpo_jax.tasks import Task
 from erpo_jax.typing import Array
 
@@ -215,6 +216,9 @@ def generate(
       use_lora: sample with the LoRA adapters applied.
       mesh: shard the rows (and KV cache) over this mesh's ``(data, fsdp)``
         axes (see :func:`erpo_jax.sampling.sample`); the rows must divide.
+        Multi-host: ``problems`` and ``keys`` are this process's, every
+        process passes as many, and the returned arrays are this process's
+        rows (NumPy).
 
     Returns:
       A :class:`Rollout`.
@@ -248,6 +252,9 @@ def generate(
         use_lora=use_lora,
         mesh=mesh,
     )
+    if multihost(mesh):
+        # This process's rows only (the outputs are global arrays).
+        out = jax.tree.map(local_rows, out)
     host_tokens, lengths = jax.device_get((out.tokens, out.lengths))
     lengths = np.asarray(lengths)
     texts = decode(tokenizer, [host_tokens[r, : lengths[r]].tolist() for r in range(len(lengths))])

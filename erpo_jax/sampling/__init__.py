@@ -15,6 +15,7 @@ The one-step pieces (:func:`sample_from_logits`, :func:`score_tokens`,
 """
 
 from erpo_jax.sampling._groups import GroupedPrompts, reft_first_tokens, repeat_for_groups
+from erpo_jax.sampling._hosts import global_rows, local_rows
 from erpo_jax.sampling._logits import (
     StepSample,
     full_logp_and_entropy,
@@ -31,6 +32,8 @@ __all__ = [
     "bucket_length",
     "compiled_cache_sizes",
     "full_logp_and_entropy",
+    "global_rows",
+    "local_rows",
     "reft_first_tokens",
     "repeat_for_groups",
     "sample",

@@ -27,6 +27,7 @@ from flax import nnx
 
 from erpo_jax.models import Decoder, KVCache
 from erpo_jax.sampling._groups import REFT_STREAM, as_row_keys, reft_first_tokens
+from erpo_jax.sampling._hosts import check_row_hosts, global_max, global_rows, local_rows, multihost
 from erpo_jax.sampling._logits import StepSample, sample_from_logits, score_tokens
 from erpo_jax.sampling._stop import StopStringMatcher
 from erpo_jax.typing import Array, ArrayLike, Bool, Float, Int
@@ -337,6 +338,24 @@ def compiled_cache_sizes() -> dict[str, int]:
     }
 
 
+_all_done = jax.jit(jnp.all)
+
+
+def _hosts(multi: bool) -> int:
+    return jax.process_count() if multi else 1
+
+
+def _local_keys(key: Any, b_local: int, b: int) -> Array:
+    """This process's ``[B_local]`` row keys: its own ``[B_local]`` keys, or its
+    slice of one key split over all ``B`` rows."""
+    arr = key if isinstance(key, jax.Array) else jnp.asarray(key)
+    typed = jax.dtypes.issubdtype(arr.dtype, jax.dtypes.prng_key)
+    if arr.shape == (() if typed else (2,)):
+        start = jax.process_index() * b_local
+        return as_row_keys(key, b)[start : start + b_local]
+    return as_row_keys(key, b_local)
+
+
 def _spans_devices(params: Any) -> bool:
     """Whether the parameters are placed over several devices (a mesh).
 
@@ -519,9 +538,17 @@ def sample(
         by rows (and the cache by KV heads over ``tensor`` where they divide)
         through prefill and decode, and the outputs come back sharded by
         rows. None: one device, or whatever the inputs' placement implies.
+        Multi-host (``jax.distributed``, several processes): each process
+        passes only its own ``B_local`` rows (the same number on every
+        process; prompt widths may differ), and the mesh's row axes must be
+        split across the processes. The rows of process ``i`` are global
+        rows ``[i * B_local, (i + 1) * B_local)``; one ``key`` is split over
+        all ``B`` rows. Every process must call ``sample`` together.
 
     Returns:
-      :class:`SampleOutput` with ``[B, T]`` arrays and ``lengths [B]``.
+      :class:`SampleOutput` with ``[B, T]`` arrays and ``lengths [B]``;
+      multi-host, global arrays of every process's rows (read this process's
+      own rows with :func:`local_rows`).
 
     Raises:
       ValueError: a bad argument, named in the message: an empty prompt
@@ -631,7 +658,20 @@ def sample(
                 "sample: with group_size the rows of each group must hold the same prompt "
                 "(prompt_tokens prompt-major, see repeat_for_groups)"
             )
-    keys = as_row_keys(key, b)
+    hosts = multihost(mesh)
+    if hosts:
+        # Each process feeds its own rows: B counts every process's rows, the
+        # prompt width is the widest process's, one key splits over all rows.
+        check_row_hosts(mesh, who="sample")
+        width = global_max(tokens.shape[1])
+        if width > tokens.shape[1]:
+            extra = width - tokens.shape[1]
+            tokens = np.pad(tokens, ((0, 0), (extra, 0)), constant_values=pad_id)
+            mask = np.pad(mask, ((0, 0), (extra, 0)), constant_values=False)
+        b_local, b = b, b * jax.process_count()
+        keys = _local_keys(key, b_local, b)
+    else:
+        keys = as_row_keys(key, b)
     share = rows_per_prompt if share_prefix else 1
     if mesh is not None:
         from jax.sharding import NamedSharding, PartitionSpec
@@ -642,8 +682,11 @@ def sample(
                 f"sample: prompt_tokens has {b} rows, which do not divide over the mesh's "
                 f"{shards} row shards ({' x '.join(_row_axes(mesh))}); use a multiple of {shards}"
             )
-        rows = NamedSharding(mesh, PartitionSpec(_row_axes(mesh) or None))
-        tokens, mask, keys = (jax.device_put(x, rows) for x in (tokens, mask, keys))
+        if hosts:
+            tokens, mask, keys = (global_rows(mesh, x) for x in (tokens, mask, keys))
+        else:
+            rows = NamedSharding(mesh, PartitionSpec(_row_axes(mesh) or None))
+            tokens, mask, keys = (jax.device_put(x, rows) for x in (tokens, mask, keys))
         if (b // share) % shards:
             share = 1  # a shared prefill of P rows must divide over the row shards too
     elif _spans_devices(params):
@@ -676,20 +719,26 @@ def sample(
         marker=jnp.asarray(marker),
     )
     state = _prefill_jit(graphdef, params, tokens, mask, keys, dyn, static=static)
-    cut = np.full(b, -1, np.int32)
+    cut = np.full(b // _hosts(hosts), -1, np.int32)  # this process's rows
     if stop_strings is None:
         state = _decode_jit(graphdef, params, state, keys, np.int32(t_max), dyn, static=static)
     else:
-        matcher = StopStringMatcher(stop_strings, tokenizer, b)
+        # Each process matches its own rows; the loop goes on until every row
+        # of every process is done (one replicated flag), in lockstep.
+        matcher = StopStringMatcher(stop_strings, tokenizer, b // _hosts(hosts))
         step = int(state.step)
         while True:
-            host_tokens, host_mask = jax.device_get((state.tokens, state.mask))
-            hit = matcher.update(np.asarray(host_tokens), np.asarray(host_mask).sum(axis=1))
-            if hit.any():
+            host_tokens, host_mask = local_rows(state.tokens), local_rows(state.mask)
+            hit = matcher.update(host_tokens, host_mask.sum(axis=1))
+            if hosts:
+                state = state._replace(done=state.done | global_rows(mesh, hit))
+            elif hit.any():
                 state = state._replace(done=state.done | jnp.asarray(hit))
-            if step >= t_max or bool(jnp.all(state.done)):
+            if step >= t_max or bool(_all_done(state.done)):
                 break
             step = min(step + stop_check_every, t_max)
             state = _decode_jit(graphdef, params, state, keys, np.int32(step), dyn, static=static)
         cut = matcher.cut.astype(np.int32)
+    if hosts:
+        return _finish_jit(state, global_rows(mesh, cut), pad_id=static.pad_id)
     return _finish_jit(state, jnp.asarray(cut), pad_id=static.pad_id)

@@ -159,6 +159,8 @@ def _build(cfg: RunConfig, out: Path, log: Callable[[str], None]) -> _Run:
     local_p = cfg.rollout.prompts_per_step // jax.process_count()
     stream = PromptStream(source, batch_size=local_p, seed=cfg.seed, shuffle=d.shuffle)
     eval_problems = _eval_problems(cfg)
+    if jax.process_count() > 1:
+        _check_multihost(cfg, mesh, len(eval_problems))
 
     checkpoint = _resolve_checkpoint(cfg, log)
     dtype = jnp.dtype(cfg.model.dtype)
@@ -283,6 +285,40 @@ def _left_pad_to(a: np.ndarray, width: int, fill: Any) -> np.ndarray:
     return np.concatenate([pad, a], axis=1)
 
 
+def _check_multihost(cfg: RunConfig, mesh: Any, eval_size: int) -> None:
+    """Several processes: each must feed its own rows of every sampler call.
+
+    Raises:
+      ConfigError: the row axes do not split over the processes, or a
+        rollout's or an evaluation's rows do not divide over them (named).
+    """
+    procs, shards = jax.process_count(), _rows(mesh)
+    if shards % procs:
+        raise ConfigError(
+            f"config keys mesh.data x mesh.fsdp = {shards} must be a multiple of the {procs} "
+            "processes, so that each process feeds its own rows (put the devices of different "
+            "hosts on mesh.data or mesh.fsdp, not mesh.tensor)"
+        )
+    rows = cfg.rollout.prompts_per_step * cfg.rollout.group_size
+    if rows % shards:
+        raise ConfigError(
+            f"config keys rollout.prompts_per_step x rollout.group_size = {rows} rows must "
+            f"divide over mesh.data x mesh.fsdp = {shards} devices with {procs} processes"
+        )
+    per_call = min(cfg.eval.batch_size, eval_size) * procs
+    groups = ([1] if cfg.eval.greedy else []) + (
+        [cfg.eval.num_samples] if cfg.eval.num_samples else []
+    )
+    for group in groups:
+        if (per_call * group) % shards:
+            raise ConfigError(
+                f"config key eval.batch_size={cfg.eval.batch_size}: {per_call // procs} prompts "
+                f"x {group} samples x {procs} processes do not divide over mesh.data x "
+                f"mesh.fsdp = {shards} devices; with several processes every evaluation call "
+                "must (choose a batch size that makes them)"
+            )
+
+
 def _rows(mesh: Any) -> int:
     """Devices the batch rows are sharded over."""
     return int(mesh.shape["data"] * mesh.shape["fsdp"])
@@ -331,6 +367,7 @@ def _next_prompts(run: _Run, p: int) -> tuple[list[Any], int]:
 def _collect(run: _Run, params: Any, step: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Rollout + rewards (+ DAPO dynamic sampling): the host batch and its statistics."""
     from erpo_jax.rollout import generate, problem_keys
+    from erpo_jax.sampling._hosts import global_max
 
     cfg = run.config
     p, g = cfg.rollout.prompts_per_step // jax.process_count(), cfg.rollout.group_size
@@ -352,8 +389,13 @@ def _collect(run: _Run, params: Any, step: int) -> tuple[dict[str, np.ndarray], 
         problems, skipped = _next_prompts(run, p)
         stats["skipped_long_prompts"] += skipped
         t0 = time.perf_counter()
+        # A prompt's key is its position in the step's global batch in stream
+        # order (process i holds positions i, i + n, ...; see PromptStream), so
+        # a run samples the same completions for the same prompts whatever
+        # the number of processes.
         keys = problem_keys(
-            jax.random.fold_in(step_key, attempt), np.arange(p) + jax.process_index() * p
+            jax.random.fold_in(step_key, attempt),
+            np.arange(p) * jax.process_count() + jax.process_index(),
         )
         rollout = generate(
             (run.graphdef, _merged(run, params)),
@@ -365,8 +407,9 @@ def _collect(run: _Run, params: Any, step: int) -> tuple[dict[str, np.ndarray], 
             options=options,
             eos_ids=run.eos_ids,
             pad_id=run.pad_id,
-            # rows over (data, fsdp) when they divide (single process: all rows here)
-            mesh=run.mesh if jax.process_count() == 1 and (p * g) % _rows(run.mesh) == 0 else None,
+            # rows over (data, fsdp) when they divide; with several processes
+            # each feeds its own rows (they must divide: checked at start)
+            mesh=run.mesh if (p * g * jax.process_count()) % _rows(run.mesh) == 0 else None,
         )
         host = jax.device_get(
             {
@@ -391,11 +434,13 @@ def _collect(run: _Run, params: Any, step: int) -> tuple[dict[str, np.ndarray], 
             group["rewards"] = rewards[i : i + 1]
             informative = bool(np.ptp(rewards[i]) > 0)
             (kept if informative or not cfg.rollout.dynamic_sampling else dropped).append(group)
-        if len(kept) >= p:
+        # Every process samples in every try (the sampler is one program over
+        # all of them): stop when every process has its batch.
+        if -global_max(-len(kept)) >= p:
             break
     filled = max(p - len(kept), 0)
     groups = kept[:p] + dropped[:filled]
-    width = max(gr["prompt_tokens"].shape[1] for gr in groups)
+    width = global_max(max(gr["prompt_tokens"].shape[1] for gr in groups))
     batch = {}
     for key in ("prompt_tokens", "prompt_mask", "tokens", "logp", "entropy", "mask", "rewards"):
         parts = [gr[key] for gr in groups]
@@ -404,9 +449,13 @@ def _collect(run: _Run, params: Any, step: int) -> tuple[dict[str, np.ndarray], 
             parts = [_left_pad_to(x, width, fill) for x in parts]
         batch[key] = np.concatenate(parts, axis=0)
     batch["sampler_logp"] = batch.pop("logp")
-    r = np.concatenate(all_rewards, axis=0)  # every sampled group, for the reward statistics
-    lengths = np.concatenate(all_lengths)
-    trunc = np.concatenate(all_trunc)
+    # Every sampled group of every process, for the statistics.
+    r = _all_processes(np.concatenate(all_rewards, axis=0))
+    lengths = _all_processes(np.concatenate(all_lengths))
+    trunc = _all_processes(np.concatenate(all_trunc))
+    filled = int(_all_processes(np.asarray([filled])).sum())
+    for key in ("verifier_timeouts", "verifier_errors", "skipped_long_prompts"):
+        stats[key] = int(_all_processes(np.asarray([stats[key]])).sum())
     stats.update(
         reward_mean=float(r.mean()),
         reward_std=float(r.std()),
@@ -418,6 +467,15 @@ def _collect(run: _Run, params: Any, step: int) -> tuple[dict[str, np.ndarray], 
         generated_tokens=float(lengths.sum()),
     )
     return batch, stats
+
+
+def _all_processes(local: np.ndarray) -> np.ndarray:
+    """``local`` of every process, concatenated along axis 0 in process order."""
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(local, tiled=True))
 
 
 def _merged(run: _Run, params: Any) -> Any:
@@ -497,7 +555,9 @@ def _rl_step(run: _Run, state: dict[str, Any], step: int) -> tuple[dict[str, Any
     record["loss"] = float(np.mean([float(m["loss"]) for m in device["updates"]]))
     record["grad_norm"] = float(np.mean([float(m["grad_norm"]) for m in device["updates"]]))
     record["learning_rate"] = float(last["learning_rate"])
-    record.update(_step_metrics_from_tokens(host["entropy"], host["mask"]))
+    record.update(
+        _step_metrics_from_tokens(_all_processes(host["entropy"]), _all_processes(host["mask"]))
+    )
     record["logp_mismatch_mean"] = float(device["mismatch"][0])
     record["logp_mismatch_max"] = float(device["mismatch"][1])
     step_s = time.perf_counter() - t_start
@@ -650,7 +710,7 @@ def train(
             total=cfg.steps,
             initial=start_step,
             desc=f"train {cfg.loss.name}",
-            disable=not cfg.progress,
+            disable=not cfg.progress or jax.process_index() != 0,
             dynamic_ncols=True,
             file=sys.stderr,
         )

@@ -62,9 +62,25 @@ def param_sharding(tree: Any, mesh: Mesh, *, head_dim: int | None = None) -> Any
     return jax.tree_util.tree_map_with_path(one, tree)
 
 
+def _put(x: Any, sharding: NamedSharding) -> jax.Array:
+    """``x`` (the same value on every process) placed with ``sharding``.
+
+    On one process a ``device_put``. With several processes, each builds only
+    the shards its own devices hold, from its host copy of ``x``.
+    """
+    if sharding.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    host = np.asarray(jax.device_get(x))
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
 def place_params(tree: Any, mesh: Mesh, *, head_dim: int | None = None) -> Any:
-    """``tree`` placed on ``mesh`` by the parameter rules (whole heads with ``head_dim``)."""
-    return jax.device_put(tree, param_sharding(tree, mesh, head_dim=head_dim))
+    """``tree`` placed on ``mesh`` by the parameter rules (whole heads with ``head_dim``).
+
+    Multi-host: every process passes the same values (e.g. loaded from the
+    same checkpoint) and keeps only its devices' shards.
+    """
+    return jax.tree.map(_put, tree, param_sharding(tree, mesh, head_dim=head_dim))
 
 
 def place_state(state: Any, mesh: Mesh) -> Any:
@@ -74,9 +90,7 @@ def place_state(state: Any, mesh: Mesh) -> Any:
     replicated = NamedSharding(mesh, PartitionSpec())
     return jax.tree.map(
         lambda x: (
-            x
-            if isinstance(getattr(x, "sharding", None), NamedSharding)
-            else jax.device_put(x, replicated)
+            x if isinstance(getattr(x, "sharding", None), NamedSharding) else _put(x, replicated)
         ),
         state,
     )

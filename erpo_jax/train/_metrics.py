@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import jax
+
 __all__ = ["MetricsWriter", "read_metrics"]
 
 
@@ -44,7 +46,7 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 class MetricsWriter:
-    """Appends step records to ``metrics.jsonl`` and scalars to TensorBoard.
+    """Appends step records to ``metrics.jsonl`` and scalars to TensorBoard (process 0 only).
 
     Args:
       out_dir: the run directory.
@@ -61,13 +63,17 @@ class MetricsWriter:
         tensorboard: bool = True,
     ):
         self.path = Path(out_dir) / "metrics.jsonl"
+        self._tb = None
+        # Multi-host: the records hold global values; process 0 writes them.
+        self._primary = jax.process_index() == 0
+        if not self._primary:
+            return
         kept = []
         if resume_step is not None:
             kept = [r for r in read_metrics(self.path) if r.get("step", -1) < resume_step]
         with self.path.open("w") as f:
             for record in kept:
                 f.write(json.dumps(record) + "\n")
-        self._tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter
 
@@ -76,6 +82,8 @@ class MetricsWriter:
     def write(self, step: int, metrics: dict[str, Any], *, prefix: str = "") -> dict[str, Any]:
         """Appends one record (``{"step": step, **metrics}``); returns it as plain JSON values."""
         record = {"step": int(step), **{f"{prefix}{k}": _plain(v) for k, v in metrics.items()}}
+        if not self._primary:
+            return record
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self._tb is not None:

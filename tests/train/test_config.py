@@ -96,3 +96,49 @@ def test_cli_rejects_bad_config_with_exit_2(capsys, tmp_path):
     assert main(["train", "--out", str(tmp_path / "r"), "--dtype", "int8"]) == 2
     assert "model.dtype='int8'" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    ("mesh_shape", "overrides", "pattern"),
+    [
+        # 2 processes but every row on one shard: a process could not feed its own rows
+        ({"data": 1, "fsdp": 1, "tensor": 2}, [], r"mesh.data x mesh.fsdp = 1 must be a multiple"),
+        # 3 x 4 = 12 rollout rows over 8 row shards
+        (
+            {"data": 2, "fsdp": 4, "tensor": 1},
+            ["rollout.prompts_per_step=3", "rollout.group_size=4"],
+            r"rollout.prompts_per_step x rollout.group_size = 12 rows",
+        ),
+        # evaluation: 3 prompts x 1 greedy sample x 2 processes over 4 shards
+        (
+            {"data": 4, "fsdp": 1, "tensor": 1},
+            ["eval.batch_size=3", "rollout.prompts_per_step=4"],
+            r"eval.batch_size=3: 3 prompts x 1 samples x 2 processes",
+        ),
+    ],
+)
+def test_multihost_layouts_that_cannot_feed_per_process_rows(
+    monkeypatch, mesh_shape, overrides, pattern
+):
+    import types
+
+    import jax
+
+    from erpo_jax.train._loop import _check_multihost
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    cfg = load_config(None, overrides)
+    with pytest.raises(ConfigError, match=pattern):
+        _check_multihost(cfg, types.SimpleNamespace(shape=mesh_shape), 64)
+
+
+def test_multihost_layout_that_divides_passes(monkeypatch):
+    import types
+
+    import jax
+
+    from erpo_jax.train._loop import _check_multihost
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    cfg = load_config(None, ["rollout.prompts_per_step=4", "eval.batch_size=4"])
+    _check_multihost(cfg, types.SimpleNamespace(shape={"data": 2, "fsdp": 2, "tensor": 1}), 64)
