@@ -27,14 +27,28 @@ Implementations:
   backend.
 - ``cudnn``: ``jax.nn.dot_product_attention(..., implementation="cudnn")``,
   the fused cuDNN kernel (GPU; float16 or bfloat16 inputs).
-- ``auto``: ``cudnn`` on GPU for half-precision inputs, ``chunked`` where
-  the score matrix would be large (``S * C >= 2**20``), ``xla`` otherwise.
+- ``splash``: the Pallas TPU splash-attention kernel
+  (``jax.experimental.pallas.ops.tpu.splash_attention``), forward and
+  backward, for self-attention over the new tokens (``S == C``: the
+  training forward and the prefill; other calls use ``chunked``, or ``xla``
+  for a decode step). Left padding becomes segment ids (a padding query
+  sees the padding before it, finite and meaningless as in the other
+  paths), the sequence is padded to whole 128-blocks, and with ``mesh`` the
+  kernel runs per device under ``shard_map`` (rows over ``(data, fsdp)``,
+  heads over ``tensor`` when both head counts divide). Off TPU it runs in
+  Pallas interpret mode: the same results, very slowly (for tests).
+- ``auto``: ``cudnn`` on GPU for half-precision inputs; on TPU ``splash``
+  for long self-attention (``S == C``, ``S * C >= 2**20``, head dim a
+  multiple of 128); elsewhere ``chunked`` where the score matrix would be
+  large (``S * C >= 2**20``) and ``xla`` otherwise.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import warnings
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +57,7 @@ from erpo_jax.typing import Array, Bool, Float, Int
 
 __all__ = ["ATTENTION_IMPLS", "attention", "resolve_attention_impl"]
 
-ATTENTION_IMPLS = ("auto", "xla", "chunked", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "chunked", "cudnn", "splash")
 """Accepted values of ``attention_impl`` (``Decoder``, ``load_hf_checkpoint``)."""
 
 # Above this many (query, key) pairs per row and head, ``auto`` uses ``chunked``.
@@ -63,16 +77,25 @@ def check_attention_impl(impl: str) -> str:
     return impl
 
 
-def resolve_attention_impl(impl: str, *, s: int, c: int, dtype: jnp.dtype) -> str:
+def resolve_attention_impl(
+    impl: str, *, s: int, c: int, dtype: jnp.dtype, head_dim: int | None = None
+) -> str:
     """The concrete implementation ``impl`` means for ``S`` queries over ``C`` slots."""
-    if check_attention_impl(impl) != "auto":
+    if check_attention_impl(impl) == "splash" and s != c:
+        # Splash covers self-attention over new tokens; cached steps fall back.
+        impl = "xla" if s == 1 else "chunked"
+    if impl != "auto":
         return impl
     if s == 1:
         return "xla"  # a decode step: the scores are [B, N, 1, C], nothing to save
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    if jax.default_backend() == "gpu" and half:
+    backend = jax.default_backend()
+    if backend == "gpu" and half:
         return "cudnn"
-    return "chunked" if s * c >= _AUTO_CHUNK_PAIRS else "xla"
+    long = s * c >= _AUTO_CHUNK_PAIRS
+    if backend == "tpu" and long and s == c and head_dim is not None and head_dim % 128 == 0:
+        return "splash"
+    return "chunked" if long else "xla"
 
 
 def attention(
@@ -84,23 +107,30 @@ def attention(
     *,
     impl: str = "xla",
     block_size: int = 512,
+    mesh: Any = None,
 ) -> Float[Array, "B S NH"]:
     """Softmax attention of ``q`` over ``k, v``; returns ``[B, S, N * H]`` in ``v``'s dtype.
 
     Args:
-      q, k, v, q_slots, kv_mask: see the module docstring.
+      q, k, v, q_slots, kv_mask: see the module docstring. With ``S == C``
+        the ``splash`` path takes ``q_slots`` to be ``arange(S)`` (how
+        ``Decoder`` calls it for new tokens).
       impl: one of :data:`ATTENTION_IMPLS`.
       block_size: keys per block of the ``chunked`` implementation.
+      mesh: the ``(data, fsdp, tensor)`` mesh the activations are sharded
+        over; ``splash`` runs per device under ``shard_map`` on it.
     """
-    s, n = q.shape[1], q.shape[2]
+    s, n, h = q.shape[1], q.shape[2], q.shape[3]
     kh, c = k.shape[1], k.shape[2]
     if n % kh:
         raise ValueError(f"attention: {n} query heads are not a multiple of {kh} key heads")
-    impl = resolve_attention_impl(impl, s=s, c=c, dtype=q.dtype)
+    impl = resolve_attention_impl(impl, s=s, c=c, dtype=q.dtype, head_dim=h)
     if impl == "xla":
         return _xla(q, k, v, q_slots, kv_mask)
     if impl == "chunked":
         return _chunked_attention(q, k, v, q_slots, kv_mask, block_size=block_size)
+    if impl == "splash":
+        return _splash_attention(q, k, v, kv_mask, mesh=mesh)
     return _dot_product_attention(q, k, v, q_slots, kv_mask, implementation=impl)
 
 
@@ -293,3 +323,96 @@ def _dot_product_attention(q, k, v, q_slots, kv_mask, *, implementation):
         implementation=None if implementation == "jax_nn" else implementation,
     )
     return out.reshape(q.shape[0], s, -1)
+
+
+# ---------------------------------------------------------------- splash
+
+_SPLASH_BLOCK = 128  # the kernel's tile (TPU lanes); the sequence is padded to whole tiles
+
+
+@functools.lru_cache(maxsize=32)
+def _splash_kernel(heads: int, length: int, interpret: bool):
+    """The causal splash kernel for ``heads`` query heads over ``length`` (padded) tokens."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as kernel,
+    )
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_mask as masks,
+    )
+
+    block = _SPLASH_BLOCK
+    sizes = kernel.BlockSizes(
+        block_q=block,
+        block_kv=block,
+        block_kv_compute=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_kv_dkv_compute=block,
+        block_q_dq=block,
+        block_kv_dq=block,
+    )
+    mask = masks.MultiHeadMask([masks.CausalMask((length, length)) for _ in range(heads)])
+    # Concrete mask tables even when first built inside a trace: the kernel is cached.
+    with jax.ensure_compile_time_eval():
+        return kernel.make_splash_mha(
+            mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret
+        )
+
+
+_warned_interpret = False
+
+
+def _splash_attention(q, k, v, kv_mask, *, mesh):
+    """Causal self-attention of ``q [B, S, N, H]`` over ``k, v [B, K, S, H]`` by splash."""
+    global _warned_interpret
+    b, s, n, h = q.shape
+    kh = k.shape[1]
+    interpret = jax.default_backend() != "tpu"
+    if interpret and not _warned_interpret:
+        _warned_interpret = True
+        warnings.warn(
+            "attention_impl='splash' off TPU runs the Pallas kernel in interpret mode: "
+            "correct but very slow (use 'chunked' or 'auto')",
+            stacklevel=3,
+        )
+    length = -(-s // _SPLASH_BLOCK) * _SPLASH_BLOCK
+    pad = length - s
+    # The kernel does not scale the scores; it takes [heads, S, H] per row.
+    qt = (q * (1.0 / math.sqrt(h))).astype(q.dtype).transpose(0, 2, 1, 3)  # [B, N, S, H]
+    # Segments: real tokens 1, left padding 0, the tile fill 2 (after the real
+    # tokens: causality already hides it from them).
+    seg = jnp.where(jnp.asarray(kv_mask, bool), 1, 0).astype(jnp.int32)
+    if pad:
+        qt = jnp.pad(qt, ((0, 0), (0, 0), (0, pad), (0, 0)))
+        k = jnp.pad(k, ((0, 0), (0, 0), (0, pad), (0, 0)))
+        v = jnp.pad(v, ((0, 0), (0, 0), (0, pad), (0, 0)))
+        seg = jnp.pad(seg, ((0, 0), (0, pad)), constant_values=2)
+
+    def local(qt, k, v, seg):
+        from jax.experimental.pallas.ops.tpu.splash_attention import (
+            splash_attention_kernel as kernel,
+        )
+
+        run = _splash_kernel(qt.shape[1], length, interpret)
+        return jax.vmap(
+            lambda q1, k1, v1, s1: run(q1, k1, v1, segment_ids=kernel.SegmentIds(s1, s1))
+        )(qt, k, v, seg)
+
+    rows_axes = () if mesh is None else tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
+    shards = math.prod(mesh.shape[a] for a in rows_axes) if mesh is not None else 1
+    tensor = mesh.shape["tensor"] if mesh is not None and "tensor" in mesh.axis_names else 1
+    if mesh is not None and mesh.size > 1 and b % shards == 0:
+        from jax.sharding import PartitionSpec
+
+        heads = "tensor" if tensor > 1 and n % tensor == 0 and kh % tensor == 0 else None
+        rows = rows_axes or None
+        spec = PartitionSpec(rows, heads, None, None)
+        local = jax.shard_map(
+            local,
+            mesh=mesh,
+            in_specs=(spec, spec, spec, PartitionSpec(rows, None)),
+            out_specs=spec,
+            check_vma=False,
+        )
+    out = local(qt, k, v, seg)[:, :, :s]  # [B, N, S, H]
+    return out.astype(v.dtype).transpose(0, 2, 1, 3).reshape(b, s, n * h)

@@ -208,6 +208,7 @@ def load_hf_checkpoint(
     attention_impl: str = "auto",
     attention_block: int = 512,
     residual_sharding: jax.sharding.Sharding | None = None,
+    attention_mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[Decoder, ModelConfig]:
     """Loads a Hugging Face Llama 3 / Qwen2 / Qwen3 checkpoint directory.
 
@@ -220,7 +221,8 @@ def load_hf_checkpoint(
       mesh: optional ``jax.sharding.Mesh``; parameters are placed with
         :func:`param_partition_spec` and each device reads only its shard.
         Without it, parameters go to the default device.
-      scan_layers, remat, attention_impl, attention_block, residual_sharding:
+      scan_layers, remat, attention_impl, attention_block, residual_sharding,
+      attention_mesh:
         passed to :class:`Decoder`.
 
     Returns:
@@ -254,6 +256,7 @@ def load_hf_checkpoint(
             attention_impl=attention_impl,
             attention_block=attention_block,
             residual_sharding=residual_sharding,
+            attention_mesh=attention_mesh,
             rngs=nnx.Rngs(0),
         )
     )

@@ -257,8 +257,13 @@ class Decoder(nnx.Module):
       attention_impl: one of ``erpo_jax.models.attention.ATTENTION_IMPLS``:
         ``"xla"`` (all scores at once), ``"chunked"`` (blockwise online
         softmax, ``O(S * attention_block)`` memory forward and backward),
-        ``"cudnn"`` (GPU) or ``"auto"`` (picks by backend and length).
+        ``"cudnn"`` (GPU), ``"splash"`` (the Pallas TPU kernel) or
+        ``"auto"`` (picks by backend and length).
       attention_block: keys per block of the chunked implementation.
+      attention_mesh: the ``jax.sharding.Mesh`` activations are sharded over
+        (the trainer's), or None; the ``splash`` kernel runs per device under
+        ``shard_map`` on it (the other implementations need no mesh). Not a
+        parameter: it is not saved with the weights.
       residual_sharding: a sharding for the ``[B, S, D]`` residual stream
         between blocks in the cache-free forward (training, scoring), or
         None. ``NamedSharding(mesh, P(("data", "fsdp"), "tensor"))`` splits
@@ -286,6 +291,7 @@ class Decoder(nnx.Module):
         attention_impl: str = "auto",
         attention_block: int = 512,
         residual_sharding: jax.sharding.Sharding | None = None,
+        attention_mesh: jax.sharding.Mesh | None = None,
         rngs: nnx.Rngs,
     ):
         check_attention_impl(attention_impl)
@@ -299,6 +305,7 @@ class Decoder(nnx.Module):
         self.attention_impl = attention_impl
         self.attention_block = attention_block
         self.residual_sharding = residual_sharding
+        self.attention_mesh = attention_mesh
         init = nnx.initializers.normal(0.02)
         v, d = config.vocab_size, config.hidden_size
         self.embed = nnx.Param(init(rngs.params(), (v, d), param_dtype))
@@ -511,7 +518,10 @@ class Decoder(nnx.Module):
             use_lora=use_lora,
             lora_scale=self.layers.lora_scale,
             attend=functools.partial(
-                attention, impl=self.attention_impl, block_size=self.attention_block
+                attention,
+                impl=self.attention_impl,
+                block_size=self.attention_block,
+                mesh=self.attention_mesh,
             ),
             gather=None if sharding is None else unpin,
         )

@@ -90,7 +90,8 @@ class ModelSpec:
       logp_chunk_size: tokens per chunk of the log-prob/entropy head (None: all at once).
       vocab_chunk_size: vocabulary tile of that head (None: the full vocabulary).
       attention_impl: ``auto``, ``xla``, ``chunked`` (blockwise, memory linear
-        in length) or ``cudnn`` (GPU); see ``erpo_jax.models.attention``.
+        in length), ``cudnn`` (GPU) or ``splash`` (the Pallas TPU kernel); see
+        ``erpo_jax.models.attention``.
       attention_block: keys per block of the chunked attention.
       sequence_parallel: when ``mesh.tensor > 1``, split the training
         forward's residual stream along the sequence over the tensor axis

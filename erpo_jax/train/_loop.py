@@ -173,6 +173,7 @@ def _build(cfg: RunConfig, out: Path, log: Callable[[str], None]) -> _Run:
         attention_impl=cfg.model.attention_impl,
         attention_block=cfg.model.attention_block,
         residual_sharding=residual_sharding(mesh) if cfg.model.sequence_parallel else None,
+        attention_mesh=mesh,
     )
     tokenizer = load_tokenizer(checkpoint)
     eos_ids = resolve_eos_ids(model_config, tokenizer, checkpoint)

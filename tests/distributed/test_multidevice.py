@@ -21,6 +21,8 @@ import pytest
         "multidevice_models.py",  # load_hf_checkpoint onto an (fsdp, tensor) mesh
         # compiled HLO under pure data parallelism: no collective on activations
         "multidevice_hlo.py",
+        # the splash kernel (interpret mode) per device under shard_map (~20 s)
+        "multidevice_splash.py",
         # sample(..., mesh=) on two meshes: row-sharded outputs equal one device's (~3 min)
         pytest.param("multidevice_sampler.py", marks=pytest.mark.slow),
         # one ERPO train step on 3 meshes equals one device (~2.5 min on 2 cores)

@@ -271,3 +271,69 @@ def test_supported_dtypes_are_kept(dtype):
         lambda: Decoder(_CONFIG, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
     )
     assert model.dtype == jnp.dtype(dtype) and model.embed.get_value().dtype == jnp.dtype(dtype)
+
+
+# ---------------------------------------------------------------- splash
+# The Pallas TPU kernel, run here in interpret mode (same semantics, slow).
+
+
+@pytest.mark.filterwarnings("ignore:attention_impl='splash' off TPU")
+def test_splash_matches_numpy_and_xla_gradients_on_real_queries():
+    # S = 150 pads to two 128-tiles; GQA 4 over 2; row 1 left-padded by 9.
+    q, k, v, q_slots, kv_mask = _inputs(6, 2, 150, 4, 2, 150, 16, pads=(0, 9))
+    real = np.asarray(kv_mask)  # [B, S]: the queries at real tokens
+    got = _attend(q, k, v, q_slots, kv_mask, impl="splash")
+    want = _numpy_attention(q, k, v, q_slots, kv_mask)
+    assert np.isfinite(np.asarray(got)).all()  # padding queries too
+    np.testing.assert_allclose(np.asarray(got)[real], want[real], atol=2e-5, rtol=1e-5)
+
+    w = jnp.asarray(np.random.default_rng(1).normal(size=(2, 150, 64)), jnp.float32)
+
+    def loss(q, k, v, impl):
+        out = A.attention(q, k, v, q_slots, kv_mask, impl=impl)
+        return jnp.sum(jnp.where(kv_mask[..., None], out * w, 0.0))  # real queries only
+
+    gs = jax.jit(jax.grad(loss, (0, 1, 2)), static_argnums=3)(q, k, v, "splash")
+    gx = jax.jit(jax.grad(loss, (0, 1, 2)), static_argnums=3)(q, k, v, "xla")
+    for name, a, b in zip("qkv", gs, gx, strict=True):
+        scale = float(np.abs(np.asarray(b)).max())
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5 * scale, err_msg=name)
+    # Keys of padding get no gradient from real queries.
+    np.testing.assert_array_equal(np.asarray(gs[1])[1, :, :9], 0.0)
+
+
+def test_splash_falls_back_for_cached_steps_and_auto_picks_it_only_on_tpu():
+    f32 = jnp.float32
+    assert A.resolve_attention_impl("splash", s=1, c=300, dtype=f32) == "xla"  # decode step
+    assert A.resolve_attention_impl("splash", s=24, c=50, dtype=f32) == "chunked"  # extend
+    assert A.resolve_attention_impl("splash", s=50, c=50, dtype=f32) == "splash"
+    auto = A.resolve_attention_impl("auto", s=4096, c=4096, dtype=f32, head_dim=128)
+    assert auto == ("splash" if jax.default_backend() == "tpu" else "chunked")
+    # head dims the TPU kernel's lanes do not fit stay on chunked
+    assert A.resolve_attention_impl("auto", s=4096, c=4096, dtype=f32, head_dim=64) == "chunked"
+
+
+@pytest.mark.filterwarnings("ignore:attention_impl='splash' off TPU")
+def test_decoder_splash_matches_xla_forward_and_prefill():
+    xla, splash = _pair("xla", "splash")
+    tokens, mask = _tokens(0, 2, 29)
+    real = np.asarray(mask)
+    np.testing.assert_allclose(
+        np.asarray(_forward(splash, tokens, mask))[real],
+        np.asarray(_forward(xla, tokens, mask))[real],
+        atol=2e-5,
+    )
+    # The prefill attends with splash, its decode steps with xla (a fallback).
+    lx, cx = _prefill(xla, tokens, mask, 40)
+    ls, cs = _prefill(splash, tokens, mask, 40)
+    np.testing.assert_allclose(np.asarray(ls), np.asarray(lx), atol=2e-5)
+    # Layer 1's keys at real slots (padding slots hold what padding queries
+    # attended to, meaningless and masked in every path).
+    slots = np.zeros((2, 40), bool)
+    slots[:, :29] = real
+    ks, kx = np.asarray(cs.k[1]).transpose(0, 2, 1, 3), np.asarray(cx.k[1]).transpose(0, 2, 1, 3)
+    np.testing.assert_allclose(ks[slots], kx[slots], atol=2e-5)
+    nxt = jnp.argmax(lx, -1).astype(jnp.int32)
+    np.testing.assert_allclose(
+        np.asarray(_decode(splash, nxt, cs)[0]), np.asarray(_decode(xla, nxt, cx)[0]), atol=2e-5
+    )
