@@ -341,6 +341,15 @@ def compiled_cache_sizes() -> dict[str, int]:
 _all_done = jax.jit(jnp.all)
 
 
+def _stop_window(tokens, mask, offset, *, width: int):
+    """``(tokens[:, offset : offset + width], lengths [B])`` for the stop-string check."""
+    window = jax.lax.dynamic_slice_in_dim(tokens, offset, width, axis=1)
+    return window, jnp.sum(mask, axis=1, dtype=jnp.int32)
+
+
+_stop_window_jit = jax.jit(_stop_window, static_argnames="width")
+
+
 def _hosts(multi: bool) -> int:
     return jax.process_count() if multi else 1
 
@@ -727,9 +736,16 @@ def sample(
         # of every process is done (one replicated flag), in lockstep.
         matcher = StopStringMatcher(stop_strings, tokenizer, b // _hosts(hosts))
         step = int(state.step)
+        # Each check copies a window of the new tokens (and the lookback a
+        # stop string can start in) and the lengths, not the whole buffer.
+        # Rows that grew since the last check were checked to its step.
+        width = min(t_max, max(step, stop_check_every) + matcher.lookback)
+        previous = 0
         while True:
-            host_tokens, host_mask = local_rows(state.tokens), local_rows(state.mask)
-            hit = matcher.update(host_tokens, host_mask.sum(axis=1))
+            offset = min(max(0, previous - matcher.lookback), t_max - width)
+            window, lengths = _stop_window_jit(state.tokens, state.mask, offset, width=width)
+            hit = matcher.update(local_rows(window), local_rows(lengths), offset)
+            previous = step
             if hosts:
                 state = state._replace(done=state.done | global_rows(mesh, hit))
             elif hit.any():

@@ -10,7 +10,9 @@ the first token after which the decoded text contains the stop string (the
 token that completes it); tokens a row generated later in the same chunk are
 masked out by the sampler. Decoding is exact for any tokenizer with a
 ``decode(list[int]) -> str`` method, at the price of one device-to-host copy
-of ``[B, stop_check_every]`` tokens per chunk.
+per chunk of a ``[B, stop_check_every + lookback]`` window of tokens (the new
+ones and the few before them a stop string can start in) and the ``[B]``
+lengths, not of the whole ``[B, T]`` buffer.
 """
 
 from __future__ import annotations
@@ -49,32 +51,44 @@ class StopStringMatcher:
     def _decode(self, ids: np.ndarray) -> str:
         return self.tokenizer.decode([int(i) for i in ids])
 
-    def update(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    def update(self, tokens: np.ndarray, lengths: np.ndarray, offset: int = 0) -> np.ndarray:
         """Checks the newly generated tokens of every row that has not stopped.
 
         Args:
-          tokens: ``[B, T]`` completion tokens so far (host array).
+          tokens: ``[B, W]`` completion tokens ``offset .. offset + W - 1``
+            (host array): the whole buffer (``offset=0``), or a window. A
+            window must reach the longest length and start at least
+            ``lookback`` tokens before the previous update's step (the
+            point every row that has grown since was checked to).
           lengths: ``[B]`` number of valid tokens per row (up to the step
             reached, or to and including EOS).
+          offset: the completion index of ``tokens[:, 0]``.
 
         Returns:
           ``[B]`` bool, rows that hit a stop string in this update.
         """
         hit = np.zeros(len(lengths), bool)
-        for b in np.flatnonzero((self.cut < 0) & (lengths > self.checked)):
+        rows = np.flatnonzero((self.cut < 0) & (lengths > self.checked))
+        for b in rows:
             n, checked = int(lengths[b]), int(self.checked[b])
             start = max(0, checked - self.lookback)
-            before = self._decode(tokens[b, start:checked])
+            if start < offset or n > offset + tokens.shape[1]:
+                raise ValueError(
+                    f"StopStringMatcher.update: row {b} needs tokens {start}..{n - 1}, outside "
+                    f"the window {offset}..{offset + tokens.shape[1] - 1}"
+                )
+            row = tokens[b, start - offset :]  # completion tokens from `start` on
+            before = self._decode(row[: checked - start])
             # A match must end after the text already checked: it may start up
             # to len(s) - 1 characters before it.
-            text = self._decode(tokens[b, start:n])
+            text = self._decode(row[: n - start])
             searches = [max(0, len(before) - len(s) + 1) for s in self.stop_strings]
             if all(text.find(s, i) == -1 for s, i in zip(self.stop_strings, searches, strict=True)):
                 self.checked[b] = n
                 continue
             # The first token after which the decoded text contains a stop string.
             for j in range(checked, n):
-                prefix = self._decode(tokens[b, start : j + 1])
+                prefix = self._decode(row[: j + 1 - start])
                 if any(
                     prefix.find(s, i) != -1
                     for s, i in zip(self.stop_strings, searches, strict=True)

@@ -28,8 +28,14 @@ def _expected_cut(tokenizer, row, stops):
     return None
 
 
-@pytest.mark.parametrize("check_every", [3, 16])
-def test_stop_strings_end_the_completion_at_the_completing_token(model, h, tokenizer, check_every):
+# (check_every, T, late): with late stop strings and a short lookback the
+# host check copies a window of the buffer that starts past token 0.
+@pytest.mark.parametrize(
+    ("check_every", "T", "late"), [(3, 32, False), (16, 32, False), (2, 64, True)]
+)
+def test_stop_strings_end_the_completion_at_the_completing_token(
+    model, h, tokenizer, check_every, T, late
+):
     prompt, prompt_mask = h.left_padded(8)
     kw = dict(max_new_tokens=T, eos_ids=())
     free = sample(model, prompt, prompt_mask, h.key(8), **kw)
@@ -39,6 +45,8 @@ def test_stop_strings_end_the_completion_at_the_completing_token(model, h, token
     text0 = tokenizer.decode([int(i) for i in free_tokens[0]])
     text1 = tokenizer.decode([int(i) for i in free_tokens[1]])
     stops = [text0[9:12], text1[20:22], "\x7f never written"]
+    if late:  # found after the first window (lookback 2 + 16 tokens, width 20)
+        stops = [text0[-6:-2], text1[-5:-1], "\x7f"]
     out = sample(
         model, prompt, prompt_mask, h.key(8), stop_strings=stops, tokenizer=tokenizer,
         stop_check_every=check_every, **kw,
@@ -46,6 +54,8 @@ def test_stop_strings_end_the_completion_at_the_completing_token(model, h, token
     tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
     cuts = [_expected_cut(tokenizer, free_tokens[b], stops) for b in range(4)]
     assert cuts[0] is not None and cuts[1] is not None
+    if late:
+        assert max(cuts[0], cuts[1]) >= 24, cuts  # found only in a later window
     for b, cut in enumerate(cuts):
         n = T if cut is None else cut + 1
         assert int(out.lengths[b]) == n
@@ -74,3 +84,22 @@ def test_stop_strings_and_eos_together(model, h, tokenizer):
         row = np.asarray(free.tokens)[b, :n]
         cut = _expected_cut(tokenizer, row, ["0"])
         assert int(out.lengths[b]) == (n if cut is None else cut + 1)
+
+
+def test_matcher_refuses_a_window_that_misses_tokens_it_must_read():
+    from erpo_jax.sampling._stop import StopStringMatcher
+
+    class Chars:
+        def decode(self, ids):
+            return "".join(chr(97 + i) for i in ids)
+
+    m = StopStringMatcher(["zz"], Chars(), 1)  # lookback 2 + 16 = 18
+    row = np.arange(20)[None] % 20  # "abc...t": no stop string
+    assert not m.update(row, np.array([20])).any()  # checked to 20
+    window = np.arange(30)[None, 10:] % 20  # tokens 10..29: starts after 20 - 18 = 2
+    with pytest.raises(
+        ValueError, match=r"row 0 needs tokens 2\.\.29, outside the window 10\.\.29"
+    ):
+        m.update(window, np.array([30]), offset=10)
+    hit = m.update(np.concatenate([row, [[25, 25]]], axis=1)[:, 2:], np.array([22]), offset=2)
+    assert hit.tolist() == [True] and m.cut.tolist() == [21]  # "zz" completed by token 21
