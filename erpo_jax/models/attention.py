@@ -155,6 +155,8 @@ def _ungroup(out, s):
 
 def _xla(q, k, v, q_slots, kv_mask):
     b, s, n, h = q.shape
+    if s == 1 and jax.default_backend() == "cpu":
+        return _xla_decode_cpu(q, k, v, q_slots, kv_mask)
     kh, c = k.shape[1], k.shape[2]
     g = n // kh
     # Batched [batch, kv-head] matmuls against k and v as stored: no transpose
@@ -168,6 +170,28 @@ def _xla(q, k, v, q_slots, kv_mask):
     scores = jnp.where(allowed, scores, _NEG)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return _ungroup(jnp.einsum("bkqc,bkch->bkqh", probs, v), s)
+
+
+def _xla_decode_cpu(q, k, v, q_slots, kv_mask):
+    """One query per row (a decode step) as fused multiply-reduce loops.
+
+    On XLA:CPU the ``[B, K]``-batched dot products of a decode step are
+    ``B * K`` tiny ``[G, H] x [H, C]`` matmuls, each paying the batched-dot
+    overhead; one fused elementwise product and reduction over ``H`` (then
+    over ``C``) streams the cache once and is about 1.5x faster at
+    ``B = 128, C = 160`` (measured on the 2-core CPU). Same function, float32
+    scores and softmax.
+    """
+    b, _, n, h = q.shape
+    kh, c = k.shape[1], k.shape[2]
+    qg = q.reshape(b, kh, n // kh, h).astype(jnp.float32)  # [B, K, G, H]
+    scores = jnp.sum(qg[:, :, :, None, :] * k[:, :, None].astype(jnp.float32), axis=-1)
+    scores = scores * (1.0 / math.sqrt(h))  # [B, K, G, C]
+    allowed = _allowed(q_slots, kv_mask, jnp.arange(c))[:, 0]  # [B, C]
+    scores = jnp.where(allowed[:, None, None], scores, _NEG)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.sum(probs[..., None] * v[:, :, None].astype(jnp.float32), axis=-2)  # [B, K, G, H]
+    return out.astype(v.dtype).reshape(b, 1, n * h)
 
 
 # ---------------------------------------------------------------- chunked

@@ -258,16 +258,31 @@ def _inverse_cdf_draw(keys: Array, z: Array) -> Array:
     third of a tiny model's decode step. The same distribution: row ``b``
     takes the first token whose cumulative weight reaches ``u * total`` with
     ``u`` uniform in (0, 1], so a token of weight 0 (truncated, ``-inf``) is
-    never drawn. The cumulative sum runs in blocks of 128 tokens plus a sum
-    over blocks, so its float32 rounding grows with ``128 + V / 128``, not V.
+    never drawn.
+
+    The search is two-level and never forms the ``[B, V]`` cumulative sum
+    (XLA:CPU lowers a cumulative sum to a reduce-window, quadratic in its
+    length): the weights of blocks of 128 tokens are summed, a cumulative sum
+    over the ``V / 128`` block totals picks the block, and a cumulative sum
+    inside that one block picks the token. Float32 rounding grows with
+    ``128 + V / 128``, not V. Measured on the 2-core CPU at 128 x 4,096:
+    0.6 ms per draw against 6.0 ms for a blocked cumulative sum over all V.
     """
     b, v = z.shape
     w = jnp.exp(z - jnp.max(z, axis=-1, keepdims=True))  # -inf -> 0
     pad = -v % _CDF_BLOCK
     w = jnp.pad(w, ((0, 0), (0, pad))).reshape(b, -1, _CDF_BLOCK)
-    within = jnp.cumsum(w, axis=-1)
-    before = jnp.cumsum(within[:, :, -1], axis=-1) - within[:, :, -1]
-    c = (before[:, :, None] + within).reshape(b, -1)
+    totals = jnp.sum(w, axis=-1)  # [B, V / 128]
+    upto = jnp.cumsum(totals, axis=-1)  # non-decreasing: weights are >= 0
     u = 1.0 - jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys)  # (0, 1]
-    below = c < (u * c[:, -1])[:, None]
-    return jnp.minimum(jnp.sum(below, axis=-1), v - 1).astype(jnp.int32)
+    target = u * upto[:, -1]
+    # The first block whose cumulative weight reaches the target (it has weight > 0).
+    j = jnp.minimum(jnp.sum(upto < target[:, None], axis=-1), upto.shape[1] - 1)
+    block = jnp.take_along_axis(w, j[:, None, None], axis=1)[:, 0]  # [B, 128]
+    before = jnp.where(j > 0, jnp.take_along_axis(upto, (j - 1)[:, None], axis=1)[:, 0], 0.0)
+    within = before[:, None] + jnp.cumsum(block, axis=-1)
+    i = jnp.sum(within < target[:, None], axis=-1)
+    # Rounding between the two sums can leave the target past the block's
+    # last cumulative value: take its last token of positive weight then.
+    last = _CDF_BLOCK - 1 - jnp.argmax(block[:, ::-1] > 0, axis=-1)
+    return jnp.minimum(j * _CDF_BLOCK + jnp.minimum(i, last), v - 1).astype(jnp.int32)

@@ -125,3 +125,19 @@ def test_draws_follow_the_truncated_distribution():
     tail = np.setdiff1d(np.arange(v), [3, 150, 299, 10, 200])
     p_tail = probs[tail].sum()
     assert abs(freq[tail].sum() - p_tail) < 4 * np.sqrt(p_tail * (1 - p_tail) / rows)
+
+
+def test_draw_at_the_top_of_the_cdf_never_lands_on_a_truncated_token(monkeypatch):
+    """u = 1 targets the total weight: the draw is the last token of positive
+    weight, even with truncated tokens after it in its block and rounding
+    between the block sums and the in-block sum."""
+    from erpo_jax.sampling import _logits as L
+
+    monkeypatch.setattr(jax.random, "uniform", lambda key, shape, dtype: jnp.zeros(shape, dtype))
+    v = 300  # blocks of 128: [0, 128), [128, 256), [256, 300) padded
+    z = np.random.default_rng(3).normal(size=(4, v)).astype(np.float32)
+    z[0, 200:] = -np.inf  # last positive weight: 199, mid-block
+    z[1, 130:] = -np.inf  # 129, early in block 1
+    z[2, 1:] = -np.inf  # only token 0
+    tokens = L._inverse_cdf_draw(jax.random.split(jax.random.key(0), 4), jnp.asarray(z))
+    assert np.asarray(tokens).tolist() == [199, 129, 0, 299]
