@@ -286,6 +286,36 @@ def _left_pad_to(a: np.ndarray, width: int, fill: Any) -> np.ndarray:
     return np.concatenate([pad, a], axis=1)
 
 
+def code_version() -> dict[str, Any]:
+    """``{"erpo_jax": version, "git_commit": hash or None, "git_dirty": bool or None}``.
+
+    The commit is read only when the package is imported from its own git
+    checkout (an editable install); an installed copy reports None.
+    """
+    import subprocess
+
+    from erpo_jax import __version__
+
+    root = Path(__file__).resolve().parents[2]
+    commit, dirty = None, None
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(
+                ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    top = git("rev-parse", "--show-toplevel")
+    if top is not None and Path(top).resolve() == root and (root / "erpo_jax").is_dir():
+        commit = git("rev-parse", "HEAD")
+        status = git("status", "--porcelain", "--untracked-files=no")
+        dirty = None if status is None else bool(status)
+    return {"erpo_jax": __version__, "git_commit": commit, "git_dirty": dirty}
+
+
 def _check_multihost(cfg: RunConfig, mesh: Any, eval_size: int) -> None:
     """Several processes: each must feed its own rows of every sampler call.
 
@@ -691,10 +721,13 @@ def train(
     # start, as the update returns them: one compilation of the update.
     state = place_state(state, run.mesh)
     evals: dict[str, Any] = {}
+    # Which code ran which steps: one entry per (re)start of the run.
+    code_history = [{"from_step": start_step, **code_version()}]
     if resume:
         state, meta = checkpointer.restore(start_step, state)
         run.stream.restore(meta["data"])
         evals = meta.get("evals", {})
+        code_history = meta.get("code_history", []) + code_history
         log(f"resumed from step {start_step} in {out_dir}")
     writer = MetricsWriter(out_dir, resume_step=start_step if resume else None)
     if f"step_{start_step}" in evals:  # the evaluation the checkpointed step ended with
@@ -744,6 +777,7 @@ def train(
                     "step": done,
                     "seed": cfg.seed,
                     "evals": evals,
+                    "code_history": code_history,
                 }
                 checkpointer.save(done, state, meta)
         bar.close()
@@ -762,6 +796,7 @@ def train(
         "loss": cfg.loss.name,
         "seed": cfg.seed,
         "resumed_from": start_step if resume else None,
+        "code_history": code_history,
         "periodic": {k: v for k, v in evals.items() if k.startswith("step_")},
     }
     if jax.process_index() == 0:

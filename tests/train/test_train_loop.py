@@ -108,6 +108,14 @@ def test_train_writes_outputs_and_metrics(checkpoint, tmp_path):
     cfg = load_config(None, _overrides(checkpoint, "steps=3", "checkpoint_every=2", "eval_every=2"))
     summary = train(cfg, out=out, log=lambda _: None)
     assert set(summary) >= {"before", "after", "wall_seconds"}
+    # Provenance: the commit of this checkout (an editable install) ran steps 0..
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+    )
+    (code,) = summary["code_history"]
+    assert code["from_step"] == 0 and code["erpo_jax"] == "0.1.0"
+    if head.returncode == 0:  # a git checkout (CI clones one)
+        assert code["git_commit"] == head.stdout.strip()
     for part in ("before", "after"):
         assert set(summary[part]) >= {"pass_at_1_sampled", "pass_at_1_greedy", "pass_at_k"}
     assert json.loads((out / "summary.json").read_text())["after"] == summary["after"]
@@ -225,3 +233,6 @@ def test_kill_and_resume_repeats_the_uninterrupted_run(checkpoint, tmp_path):
     sa = json.loads((full / "summary.json").read_text())
     sb = json.loads((killed / "summary.json").read_text())
     assert sa["after"] == sb["after"] and sa["before"] == sb["before"]
+    # The resumed run records both starts: from step 0, and from its checkpoint.
+    assert sb["resumed_from"] in (2, 4)
+    assert [c["from_step"] for c in sb["code_history"]] == [0, sb["resumed_from"]]
