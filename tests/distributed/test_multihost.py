@@ -122,9 +122,16 @@ def test_two_processes_match_one(tmp_path):
                 assert rb[key] == va, key
     sa = json.loads((one / "run" / "summary.json").read_text())
     sb = json.loads((two / "run" / "summary.json").read_text())
-    assert sa["before"] == sb["before"]
-    for key in ("pass_at_1_sampled", "pass_at_1_greedy", "mean_response_length"):
-        np.testing.assert_allclose(sb["after"][key], sa["after"][key], rtol=1e-6, err_msg=key)
+    # Evaluations: the same samples, so the same pass rates and lengths; the
+    # mean entropies are sums over rows laid out on other devices, and after
+    # training the parameters differ by the update's summation order (rounding).
+    for phase in ("before", "after"):
+        assert sb[phase].keys() == sa[phase].keys()
+        for key, va in sa[phase].items():
+            if isinstance(va, float):
+                np.testing.assert_allclose(sb[phase][key], va, rtol=2e-5, err_msg=f"{phase} {key}")
+            else:
+                assert sb[phase][key] == va, (phase, key)
     assert sorted(p.name for p in (two / "run" / "checkpoints").iterdir() if p.name.isdigit()) == [
         "1",
         "2",
