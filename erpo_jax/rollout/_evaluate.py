@@ -48,7 +48,7 @@ from erpo_jax.rollout._generate import (
     split_long_prompts,
 )
 from erpo_jax.rollout._rewards import RewardPool
-from erpo_jax.sampling._hosts import multihost
+from erpo_jax.sampling._hosts import multihost, row_shards
 from erpo_jax.tasks import (
     TASKS,
     CountdownProblem,
@@ -189,9 +189,7 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
 
 def _rows_divide(mesh: Any, rows: int) -> bool:
     """Whether ``rows`` split evenly over ``mesh``'s row axes (False without a mesh)."""
-    from erpo_jax.sampling._sampler import _row_shards  # the sampler's own rule
-
-    return mesh is not None and (rows * jax.process_count()) % _row_shards(mesh) == 0
+    return mesh is not None and (rows * jax.process_count()) % row_shards(mesh) == 0
 
 
 def _mean(values: Sequence[float]) -> float | None:

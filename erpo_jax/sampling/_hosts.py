@@ -13,6 +13,7 @@ The helpers are exact no-ops on one process.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -20,7 +21,15 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-__all__ = ["check_row_hosts", "global_max", "global_rows", "local_rows", "multihost"]
+__all__ = [
+    "check_row_hosts",
+    "global_max",
+    "global_rows",
+    "local_rows",
+    "multihost",
+    "row_axes",
+    "row_shards",
+]
 
 _ROW_AXES = ("data", "fsdp")
 
@@ -30,9 +39,18 @@ def multihost(mesh: Any) -> bool:
     return mesh is not None and jax.process_count() > 1
 
 
+def row_axes(mesh: Any) -> tuple[str, ...]:
+    """The mesh axes batch rows are sharded over: ``(data, fsdp)``, those present."""
+    return tuple(a for a in _ROW_AXES if a in mesh.axis_names)
+
+
+def row_shards(mesh: Any) -> int:
+    """How many blocks the rows are split into (the product of :func:`row_axes`)."""
+    return math.prod(mesh.shape[a] for a in row_axes(mesh))
+
+
 def _row_spec(mesh: Any, ndim: int) -> PartitionSpec:
-    rows = tuple(a for a in _ROW_AXES if a in mesh.axis_names) or None
-    return PartitionSpec(rows, *([None] * (ndim - 1)))
+    return PartitionSpec(row_axes(mesh) or None, *([None] * (ndim - 1)))
 
 
 def check_row_hosts(mesh: Any, *, who: str) -> None:
@@ -46,7 +64,7 @@ def check_row_hosts(mesh: Any, *, who: str) -> None:
     if not multihost(mesh):
         return
     procs = jax.process_count()
-    shards = int(np.prod([mesh.shape[a] for a in _ROW_AXES if a in mesh.axis_names]))
+    shards = row_shards(mesh)
     if shards % procs:
         raise ValueError(
             f"{who}: with {procs} processes the mesh's row axes (data x fsdp = {shards}) must be "

@@ -27,7 +27,15 @@ from flax import nnx
 
 from erpo_jax.models import Decoder, KVCache
 from erpo_jax.sampling._groups import REFT_STREAM, as_row_keys, reft_first_tokens
-from erpo_jax.sampling._hosts import check_row_hosts, global_max, global_rows, local_rows, multihost
+from erpo_jax.sampling._hosts import (
+    check_row_hosts,
+    global_max,
+    global_rows,
+    local_rows,
+    multihost,
+)
+from erpo_jax.sampling._hosts import row_axes as _row_axes
+from erpo_jax.sampling._hosts import row_shards as _row_shards
 from erpo_jax.sampling._logits import StepSample, sample_from_logits, score_tokens
 from erpo_jax.sampling._stop import StopStringMatcher
 from erpo_jax.typing import Array, ArrayLike, Bool, Float, Int
@@ -81,17 +89,6 @@ class _Static(NamedTuple):
     reft_top_n: int
     reft_k: int
     mesh: Any = None  # jax.sharding.Mesh: rows over (data, fsdp), KV heads over tensor
-
-
-_ROW_AXES = ("data", "fsdp")
-
-
-def _row_axes(mesh: Any) -> tuple[str, ...]:
-    return tuple(a for a in _ROW_AXES if a in mesh.axis_names)
-
-
-def _row_shards(mesh: Any) -> int:
-    return math.prod(mesh.shape[a] for a in _row_axes(mesh))
 
 
 def _constrain(state: _LoopState, mesh: Any) -> _LoopState:
@@ -348,10 +345,6 @@ def _stop_window(tokens, mask, offset, *, width: int):
 
 
 _stop_window_jit = jax.jit(_stop_window, static_argnames="width")
-
-
-def _hosts(multi: bool) -> int:
-    return jax.process_count() if multi else 1
 
 
 def _local_keys(key: Any, b_local: int, b: int) -> Array:
@@ -680,22 +673,18 @@ def sample(
         b_local, b = b, b * jax.process_count()
         keys = _local_keys(key, b_local, b)
     else:
+        b_local = b
         keys = as_row_keys(key, b)
     share = rows_per_prompt if share_prefix else 1
     if mesh is not None:
-        from jax.sharding import NamedSharding, PartitionSpec
-
         shards = _row_shards(mesh)
         if b % shards:
             raise ValueError(
                 f"sample: prompt_tokens has {b} rows, which do not divide over the mesh's "
                 f"{shards} row shards ({' x '.join(_row_axes(mesh))}); use a multiple of {shards}"
             )
-        if hosts:
-            tokens, mask, keys = (global_rows(mesh, x) for x in (tokens, mask, keys))
-        else:
-            rows = NamedSharding(mesh, PartitionSpec(_row_axes(mesh) or None))
-            tokens, mask, keys = (jax.device_put(x, rows) for x in (tokens, mask, keys))
+        # Rows over (data, fsdp); with several processes, each process's own.
+        tokens, mask, keys = (global_rows(mesh, x) for x in (tokens, mask, keys))
         if (b // share) % shards:
             share = 1  # a shared prefill of P rows must divide over the row shards too
     elif _spans_devices(params):
@@ -728,13 +717,13 @@ def sample(
         marker=jnp.asarray(marker),
     )
     state = _prefill_jit(graphdef, params, tokens, mask, keys, dyn, static=static)
-    cut = np.full(b // _hosts(hosts), -1, np.int32)  # this process's rows
+    cut = np.full(b_local, -1, np.int32)  # this process's rows
     if stop_strings is None:
         state = _decode_jit(graphdef, params, state, keys, np.int32(t_max), dyn, static=static)
     else:
         # Each process matches its own rows; the loop goes on until every row
         # of every process is done (one replicated flag), in lockstep.
-        matcher = StopStringMatcher(stop_strings, tokenizer, b // _hosts(hosts))
+        matcher = StopStringMatcher(stop_strings, tokenizer, b_local)
         step = int(state.step)
         # Each check copies a window of the new tokens (and the lookback a
         # stop string can start in) and the lengths, not the whole buffer.

@@ -484,9 +484,10 @@ def _collect(run: _Run, params: Any, step: int) -> tuple[dict[str, np.ndarray], 
     r = _all_processes(np.concatenate(all_rewards, axis=0))
     lengths = _all_processes(np.concatenate(all_lengths))
     trunc = _all_processes(np.concatenate(all_trunc))
-    filled = int(_all_processes(np.asarray([filled])).sum())
-    for key in ("verifier_timeouts", "verifier_errors", "skipped_long_prompts"):
-        stats[key] = int(_all_processes(np.asarray([stats[key]])).sum())
+    counted = ("verifier_timeouts", "verifier_errors", "skipped_long_prompts")
+    totals = _all_processes(np.asarray([[filled, *(stats[k] for k in counted)]])).sum(axis=0)
+    filled = int(totals[0])
+    stats.update({k: int(t) for k, t in zip(counted, totals[1:], strict=True)})
     stats.update(
         reward_mean=float(r.mean()),
         reward_std=float(r.std()),
