@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import tempfile
@@ -20,6 +21,23 @@ TINY_QWEN3 = dict(
     head_dim=32,
     tie_word_embeddings=True,
 )
+
+
+def workload_parser(description: str, *, batch: int | None = None) -> argparse.ArgumentParser:
+    """The flags of the rollout workload the sampling benchmarks share.
+
+    ``--threads`` (2), ``--batch`` (rows, when ``batch`` is given),
+    ``--prompt-len`` (32), ``--new-tokens`` (128), ``--repeats`` (3); a
+    benchmark adds its own flags to the returned parser.
+    """
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--threads", type=int, default=2)
+    if batch is not None:
+        p.add_argument("--batch", type=int, default=batch)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    return p
 
 
 def pin_xla_threads(threads: int) -> None:

@@ -66,6 +66,7 @@ from _tiny_qwen3 import (
     pin_xla_threads,
     tiny_qwen3_pair,
     transformers_sampler,
+    workload_parser,
 )
 
 # Prefix of the Tunix worker's result lines on its stdout (libraries print there too).
@@ -76,13 +77,9 @@ MODEL = "qwen3-tiny(V=4096,D=256,F=768,L=4,H=8,KV=4,tied)"
 
 
 def _parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, default=2)
+    p = workload_parser(__doc__.splitlines()[0])
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--group", type=int, default=8, help="completions per prompt (G)")
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3)
     p.add_argument(
         "--tunix-python",
         default=_DEFAULT_TUNIX_PYTHON if os.path.exists(_DEFAULT_TUNIX_PYTHON) else None,

@@ -18,22 +18,21 @@ Target (issue 4): erpo_jax >= 5x transformers tokens/s on CPU.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 
-from _tiny_qwen3 import median_seconds, pin_threads, tiny_qwen3_pair, transformers_sampler
+from _tiny_qwen3 import (
+    median_seconds,
+    pin_threads,
+    tiny_qwen3_pair,
+    transformers_sampler,
+    workload_parser,
+)
 
 
 def _parse():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3)
-    return p.parse_args()
+    return workload_parser(__doc__.splitlines()[0], batch=16).parse_args()
 
 
 def main():

@@ -61,12 +61,11 @@ every row is done, and finished rows cost as little as the design allows.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
 
-from _tiny_qwen3 import TINY_QWEN3, median_seconds, pin_xla_threads
+from _tiny_qwen3 import TINY_QWEN3, median_seconds, pin_xla_threads, workload_parser
 
 ALPHABET = "abcdefgh"
 STOP = "h"
@@ -80,12 +79,7 @@ class CharTokenizer:
 
 
 def _parse():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3)
+    p = workload_parser(__doc__.splitlines()[0], batch=128)
     p.add_argument("--check-every", default="1,4,16,64", help="comma-separated stop_check_every")
     return p.parse_args()
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 pid, procs, port, workdir, checkpoint = sys.argv[1:6]
 pid, procs = int(pid), int(procs)
@@ -36,24 +37,13 @@ from erpo_jax.sampling import local_rows, sample  # noqa: E402
 from erpo_jax.tasks import CountdownTask  # noqa: E402
 from erpo_jax.train import MeshConfig, load_config, make_mesh, place_params, train  # noqa: E402
 
-overrides = [
-    f"model.checkpoint={checkpoint}",
-    "steps=2",
-    "checkpoint_every=1",
-    "eval_every=0",
-    "rollout.prompts_per_step=4",
-    "rollout.group_size=4",
-    "rollout.max_new_tokens=10",
-    "rollout.reward_workers=0",
-    "data.num_problems=40",
-    "eval.num_problems=4",
-    "eval.num_samples=2",
-    "eval.batch_size=4",
-    "progress=false",
-    "optimizer.learning_rate=1e-2",
-    "mesh.data=2",
-    "mesh.fsdp=2",
-]
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
+from tests.train.test_train_loop import _overrides  # noqa: E402
+
+# The tiny run of the train-loop tests, on a (data=2, fsdp=2) mesh.
+overrides = _overrides(
+    checkpoint, "steps=2", "checkpoint_every=1", "eval_every=0", "mesh.data=2", "mesh.fsdp=2"
+)
 if procs > 1:
     overrides += [
         "mesh.distributed=true",
