@@ -3,12 +3,14 @@
 The step is what ``erpo_jax.train``'s loop runs, minus text decoding (the
 benchmark's reward reads token ids, as TRL's side does): the jitted KV-cache
 sampler (``erpo_jax.sampling.sample``, no EOS so every row runs to T), the
-reward on the host, the trainer's jitted scoring forward for ``old_logp``
-(``train.recompute_old_logp``, the default) and, when the loss needs it,
-``ref_logp`` through the same compiled function, then the jitted,
-state-donating update (``make_update_fn``) with AdamW. ``beta 0`` is the
-workload's KL coefficient: GRPO has no reference forward; ERPO keeps its
-defaults (``eta = 0.2``), whose progress signal needs the reference forward.
+reward on the host, then the jitted, state-donating update
+(``make_update_fn``) with AdamW, each group's prompt run once
+(``group_size``). As in the trainer (``old_logp_in_update``): a loss
+without a reference takes ``old_logp`` from the update's own forward
+(one update per step); a loss with one scores ``old_logp`` and ``ref_logp``
+through the same compiled function first. ``beta 0`` is the workload's KL
+coefficient: GRPO has no reference forward; ERPO keeps its defaults
+(``eta = 0.2``), whose progress signal needs the reference forward.
 """
 
 from __future__ import annotations
@@ -53,9 +55,11 @@ def measure(args: Any, loss_name: str, common: dict[str, Any]) -> dict[str, Any]
     steps = args.warmup + args.steps
     tx, schedule = make_optimizer(OptimizerConfig(learning_rate=1e-6), steps, trainable)
     loss_fn = make_loss_fn(cfg, max_len=t, total_steps=steps)
-    chunk = dict(chunk_size=None, vocab_chunk_size=None)
+    chunk = dict(chunk_size=None, vocab_chunk_size=None, group_size=g)
+    on_policy = not cfg.needs_reference  # the trainer's old_logp_in_update at one update/step
     update = make_update_fn(graphdef, tx, schedule, loss_fn, cfg, micro_batches=1, max_len=t,
-                            temperature=1.0, arca=False, **chunk)  # fmt: skip
+                            temperature=1.0, arca=False, old_from_forward=on_policy,
+                            **chunk)  # fmt: skip
     score = make_score_fn(graphdef, temperature=1.0, **chunk)
     state = {"params": trainable, "opt_state": tx.init(trainable), "step": jnp.int32(0)}
     state = place_state(state, mesh)
@@ -82,8 +86,10 @@ def measure(args: Any, loss_name: str, common: dict[str, Any]) -> dict[str, Any]
             "rewards": jnp.asarray(rewards.reshape(p, g), jnp.float32),
         }
         t2 = time.perf_counter()
-        batch["old_logp"], _ = score(state["params"], frozen, batch, True)
-        if ref is not None:
+        if on_policy:
+            batch["sampler_logp"] = out.logp
+        else:
+            batch["old_logp"], _ = score(state["params"], frozen, batch, True)
             batch["ref_logp"], _ = score(ref, frozen, batch, True)
         state, metrics = update(state, frozen, batch)
         jax.block_until_ready(metrics["loss"])

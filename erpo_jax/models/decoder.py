@@ -368,6 +368,70 @@ class Decoder(nnx.Module):
         x, _ = self._run_layers(x, positions, visible, None, use_lora=use_lora)
         return _rms_norm(x, self.final_norm[...], self.config.rms_norm_eps, self.dtype)
 
+    def shared_prefix_hidden_states(
+        self,
+        prompt_tokens: Int[Array, "P S"],
+        prompt_mask: Shaped[Array, "P S"],
+        tokens: Int[Array, "B T"],
+        mask: Shaped[Array, "B T"],
+        *,
+        use_lora: bool = True,
+    ) -> tuple[Float[Array, "P S D"], Float[Array, "B T D"]]:
+        """Hidden states of ``P`` prompts and ``B = P * G`` continuations, each prompt run once.
+
+        Row ``b`` of ``tokens`` continues prompt ``b // G`` (a group's rows are
+        contiguous, as the trainer lays them out). The result equals
+        :meth:`hidden_states` on ``concat(prompt repeated G times, tokens)``
+        split at ``S``, up to float rounding, while the prompt's positions
+        are computed ``P`` times instead of ``B``: the training forward of a
+        GRPO group shares its prompt as the sampler's prefill does.
+
+        Args:
+          prompt_tokens, prompt_mask: ``[P, S]`` left-padded prompts, each with
+            at least one real token.
+          tokens, mask: ``[B, T]`` continuations; positions continue from the
+            prompt's real tokens counting only ``mask``-True tokens, and
+            padding is never attended to (as in :meth:`hidden_states`).
+          use_lora: as in :meth:`__call__`.
+
+        Returns:
+          ``(prompt_hidden [P, S, D], hidden [B, T, D])`` in ``dtype``.
+        """
+        p, s = prompt_tokens.shape
+        b, t = tokens.shape
+        if p == 0 or b % p:
+            raise ValueError(
+                f"shared_prefix_hidden_states: {b} continuation rows do not split evenly over "
+                f"{p} prompts"
+            )
+        group = b // p
+        prompt_mask = prompt_mask.astype(bool)
+        mask = mask.astype(bool)
+        count = jnp.sum(prompt_mask, axis=-1, dtype=jnp.int32)
+        # As positions_from_mask over the concatenated row: real tokens count on
+        # from the prompt's; every prompt has a real token, so these are >= 0.
+        positions = jnp.repeat(count, group)[:, None] + jnp.cumsum(mask, -1, dtype=jnp.int32) - 1
+        vis_p = (jnp.arange(s, dtype=jnp.int32), prompt_mask)
+        vis_c = (
+            s + jnp.arange(t, dtype=jnp.int32),
+            jnp.concatenate([jnp.repeat(prompt_mask, group, axis=0), mask], axis=1),
+        )
+        xp, xc = self._run_layers_shared(
+            self._embed(prompt_tokens),
+            self._embed(tokens),
+            self._rope_tables(positions_from_mask(prompt_mask)),
+            self._rope_tables(jnp.maximum(positions, 0)),
+            vis_p,
+            vis_c,
+            group,
+            use_lora=use_lora,
+        )
+        eps = self.config.rms_norm_eps
+        return (
+            _rms_norm(xp, self.final_norm[...], eps, self.dtype),
+            _rms_norm(xc, self.final_norm[...], eps, self.dtype),
+        )
+
     def unembedding(self) -> Float[Array, "D V"]:
         """The ``[D, V]`` unembedding matrix in ``dtype`` (the transposed embedding when tied)."""
         w = self.embed[...].T if self.lm_head is None else self.lm_head[...]
@@ -485,33 +549,40 @@ class Decoder(nnx.Module):
         _check_ids(tokens, self.config.vocab_size)
         return jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
 
-    def _run_layers(self, x, positions, visible, cache, *, use_lora, fresh=False):
-        """All blocks; ``cache`` is None or ``(k, v, index)`` with per-layer tuples ``k``, ``v``.
-
-        ``fresh``: attend to the new keys only (the cache is empty before them).
-
-        Returns ``(x, (k, v))`` with the updated per-layer cache tuples (or ``(x, None)``).
-        """
+    def _rope_tables(self, positions):
+        """``(cos, sin)``, each ``[B, S, 1, H/2]`` float32, for RoPE at ``positions [B, S]``."""
         inv_freq = jnp.asarray(rope_inv_freq(self.config))
         angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, S, H/2]
-        cos, sin = jnp.cos(angles)[:, :, None], jnp.sin(angles)[:, :, None]
-        params = self.layers.arrays()
-        sharding = self.residual_sharding if cache is None else None
+        return jnp.cos(angles)[:, :, None], jnp.sin(angles)[:, :, None]
+
+    def _pins(self, sharding, rows):
+        """``(pin, unpin)`` for a residual stream of ``rows`` rows under ``sharding``.
+
+        ``pin`` fixes the ``[B, S, D]`` residual's sharding between blocks;
+        ``unpin`` makes the sequence whole (rows keep their sharding) for block
+        internals and the head. Both are the identity without a sharding, or
+        when ``rows`` does not divide over the row axes (a shared-prefix
+        forward's prompt rows): the compiler then places those rows.
+        """
+        if sharding is None:
+            return (lambda x: x), (lambda x: x)
+        axes = sharding.spec[0] if len(sharding.spec) else None
+        names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        if rows % math.prod(sharding.mesh.shape[a] for a in names):
+            return (lambda x: x), (lambda x: x)
+        row_only = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(axes))
 
         def pin(x):
             # Outside the checkpoint, so the block inputs remat saves are pinned.
-            return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+            return jax.lax.with_sharding_constraint(x, sharding)
 
         def unpin(x):
-            # The sequence whole (rows keep their sharding): block internals, the head.
-            if sharding is None:
-                return x
-            rows = jax.sharding.PartitionSpec(sharding.spec[0])
-            return jax.lax.with_sharding_constraint(
-                x, jax.sharding.NamedSharding(sharding.mesh, rows)
-            )
+            return jax.lax.with_sharding_constraint(x, row_only)
 
-        block = functools.partial(
+        return pin, unpin
+
+    def _block_fn(self, *, use_lora, gather):
+        return functools.partial(
             _block,
             config=self.config,
             dtype=self.dtype,
@@ -523,8 +594,21 @@ class Decoder(nnx.Module):
                 block_size=self.attention_block,
                 mesh=self.attention_mesh,
             ),
-            gather=None if sharding is None else unpin,
+            gather=gather,
         )
+
+    def _run_layers(self, x, positions, visible, cache, *, use_lora, fresh=False):
+        """All blocks; ``cache`` is None or ``(k, v, index)`` with per-layer tuples ``k``, ``v``.
+
+        ``fresh``: attend to the new keys only (the cache is empty before them).
+
+        Returns ``(x, (k, v))`` with the updated per-layer cache tuples (or ``(x, None)``).
+        """
+        cos, sin = self._rope_tables(positions)
+        params = self.layers.arrays()
+        sharding = self.residual_sharding if cache is None else None
+        pin, unpin = self._pins(sharding, x.shape[0])
+        block = self._block_fn(use_lora=use_lora, gather=None if sharding is None else unpin)
 
         def layer(p, x, cache_k, cache_v):
             """One block; ``cache_k``/``cache_v`` are this layer's ``[B, K, C, H]`` or None."""
@@ -563,3 +647,47 @@ class Decoder(nnx.Module):
             new_k.append(ck)
             new_v.append(cv)
         return unpin(x), (None if cache is None else (tuple(new_k), tuple(new_v)))
+
+    def _run_layers_shared(self, xp, xc, rope_p, rope_c, vis_p, vis_c, group, *, use_lora):
+        """All blocks over ``P`` prompts ``xp`` and their ``P * group`` continuations ``xc``.
+
+        Each block runs the prompts on their own (causal among themselves),
+        then the continuations against ``concat(their prompt's keys, their
+        own)``, the prompt keys repeated to the ``group`` rows of each prompt.
+        """
+        params = self.layers.arrays()
+        sharding = self.residual_sharding
+        pin_p, unpin_p = self._pins(sharding, xp.shape[0])
+        pin_c, unpin_c = self._pins(sharding, xc.shape[0])
+        block_p = self._block_fn(use_lora=use_lora, gather=None if sharding is None else unpin_p)
+        block_c = self._block_fn(use_lora=use_lora, gather=None if sharding is None else unpin_c)
+
+        def layer(p, xp, xc):
+            prefix = []
+
+            def keep(k, v):
+                prefix.append((k, v))
+                return k, v
+
+            xp = block_p(p, xp, *rope_p, vis_p, keep)
+            kp, vp = prefix[0]
+
+            def after_prompt(k, v):
+                # [P, K, S, H] -> [B, K, S, H], then the new keys: [B, K, S + T, H].
+                def join(a, b):
+                    return jnp.concatenate([jnp.repeat(a, group, axis=0), b], axis=2)
+
+                return join(kp, k), join(vp, v)
+
+            xc = block_c(p, xc, *rope_c, vis_c, after_prompt)
+            return pin_p(xp), pin_c(xc)
+
+        if self.remat:
+            layer = jax.checkpoint(layer)
+        xp, xc = pin_p(xp), pin_c(xc)
+        if self.scan_layers:
+            (xp, xc), _ = jax.lax.scan(lambda c, p: (layer(p, *c), None), (xp, xc), params)
+        else:
+            for i in range(self.config.num_layers):
+                xp, xc = layer(jax.tree.map(lambda a, i=i: a[i], params), xp, xc)
+        return unpin_p(xp), unpin_c(xc)

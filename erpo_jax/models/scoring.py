@@ -29,6 +29,7 @@ def completion_hidden_states(
     mask: Bool[ArrayLike, "B T"],
     *,
     use_lora: bool = True,
+    group_size: int = 1,
 ) -> Float[Array, "B T D"]:
     """Final hidden states at the positions that predict each completion token.
 
@@ -36,9 +37,31 @@ def completion_hidden_states(
     layout), so ``concat(prompt, completion)`` holds each row's real tokens
     contiguously and positions come from the mask exactly as in sampling.
     The last completion token predicts nothing and is not fed.
+
+    ``group_size`` G > 1: rows come in groups of G contiguous rows with the
+    same prompt (a GRPO batch as the trainer lays it out). Each group's
+    prompt then runs once (:meth:`Decoder.shared_prefix_hidden_states`), the
+    training forward's counterpart of the sampler's prefix sharing; the
+    result is the same up to float rounding. Only the first row of each
+    group's prompt is read.
     """
     prompt_tokens = jnp.asarray(prompt_tokens)
-    s = prompt_tokens.shape[1]
+    b, s = prompt_tokens.shape
+    if group_size > 1:
+        if b % group_size:
+            raise ValueError(
+                f"completion_hidden_states: group_size={group_size} does not divide the {b} rows"
+            )
+        first, last = model.shared_prefix_hidden_states(
+            prompt_tokens[::group_size],
+            jnp.asarray(prompt_mask, bool)[::group_size],
+            jnp.asarray(tokens)[:, :-1],
+            jnp.asarray(mask, bool)[:, :-1],
+            use_lora=use_lora,
+        )
+        # The last prompt position (prompts are left-padded) predicts token 0.
+        start = jnp.repeat(first[:, -1:], group_size, axis=0)
+        return jnp.concatenate([start, last], axis=1)
     full = jnp.concatenate([prompt_tokens, jnp.asarray(tokens)], axis=1)
     full_mask = jnp.concatenate([jnp.asarray(prompt_mask, bool), jnp.asarray(mask, bool)], axis=1)
     hidden = model.hidden_states(full[:, :-1], full_mask[:, :-1], use_lora=use_lora)
@@ -57,6 +80,7 @@ def score_completions(
     vocab_chunk_size: int | None = None,
     use_lora: bool = True,
     row_shards: int = 1,
+    group_size: int = 1,
 ) -> tuple[Float[Array, "B T"], Float[Array, "B T"]]:
     """``(logp, entropy)`` of each completion token under ``model``, float32 ``[B, T]``.
 
@@ -76,13 +100,14 @@ def score_completions(
         temperature-1 statistics; pass 1.0 then).
       chunk_size, vocab_chunk_size, row_shards: see ``token_logp_and_entropy``.
       use_lora: apply LoRA adapters (``False`` scores the base model).
+      group_size: rows per shared prompt (see :func:`completion_hidden_states`).
 
     Returns:
       ``(logp, entropy)``, ``[B, T]`` float32; values at masked positions are
       finite but meaningless.
     """
     hidden = completion_hidden_states(
-        model, prompt_tokens, prompt_mask, tokens, mask, use_lora=use_lora
+        model, prompt_tokens, prompt_mask, tokens, mask, use_lora=use_lora, group_size=group_size
     )
     return token_logp_and_entropy(
         hidden,

@@ -362,7 +362,9 @@ class TrainLoopConfig:
         their gradients equals the full mini-batch gradient exactly.
       recompute_old_logp: recompute ``old_logp`` with the trainer's forward
         (the same function as the reference's, so ERPO's progress signal is
-        exactly 0 at step 0); false uses the sampler's ``logp``.
+        exactly 0 at step 0); false uses the sampler's ``logp``. With one
+        update per batch and no reference, the recomputed ``old_logp`` is
+        the update's own forward, detached, and no separate pass runs.
     """
 
     num_iterations: int = 1

@@ -92,6 +92,7 @@ class _Run:
     trainable0: Any = None  # the initial trainable parameters (placed)
     keep_fn: Any = None  # the jitted 80/20 keep-mask, built on first use
     mini_split: Any = None  # the jitted mini-batch split, built on first use
+    old_in_update: bool = False  # old_logp is the update's own forward (old_logp_in_update)
 
 
 def _say(msg: str) -> None:
@@ -128,6 +129,27 @@ def _eval_problems(cfg: RunConfig) -> list[Any]:
     else:
         source = load_prompt_source(d.source, path=d.path, name=d.name, split=d.eval_split)
     return list(source)[: cfg.eval.num_problems]
+
+
+def old_logp_in_update(cfg: RunConfig) -> bool:
+    """Whether ``old_logp`` comes from the update's own forward, detached.
+
+    True when ``train.recompute_old_logp`` holds, the batch gets exactly one
+    optimizer update (``num_iterations = mini_batches = 1``, so the policy
+    being updated is the one that sampled) and the loss needs no reference.
+    The recomputed ``old_logp`` then equals the update's ``logp``, so the
+    separate scoring forward is skipped (as TRL does on-policy). A loss with
+    a reference keeps that forward: ``old_logp`` and ``ref_logp`` then come
+    from one compiled function, which keeps ERPO's progress signal exactly 0
+    at step 0.
+    """
+    t = cfg.train
+    return (
+        t.recompute_old_logp
+        and t.num_iterations == 1
+        and t.mini_batches == 1
+        and not cfg.loss.needs_reference
+    )
 
 
 def _build(cfg: RunConfig, out: Path, log: Callable[[str], None]) -> _Run:
@@ -205,6 +227,8 @@ def _build(cfg: RunConfig, out: Path, log: Callable[[str], None]) -> _Run:
         vocab_chunk_size=cfg.model.vocab_chunk_size,
         # one weight-gradient partial sum per row shard: one all-reduce per call
         row_shards=mesh.shape["data"] * mesh.shape["fsdp"],
+        # a group's G rows share one prompt: its positions run once per group
+        group_size=cfg.rollout.group_size,
     )
     score_fn = make_score_fn(graphdef, temperature=temperature, **chunk)
     loss_fn = make_loss_fn(cfg.loss, max_len=cfg.rollout.max_new_tokens, total_steps=total_updates)
@@ -218,6 +242,7 @@ def _build(cfg: RunConfig, out: Path, log: Callable[[str], None]) -> _Run:
         max_len=cfg.rollout.max_new_tokens,
         temperature=temperature,
         arca=cfg.loss.name == "arca",
+        old_from_forward=old_logp_in_update(cfg),
         **chunk,
     )
     inline = cfg.rollout.reward_workers == 0 or not getattr(task, "sandbox_rewards", True)
@@ -251,6 +276,7 @@ def _build(cfg: RunConfig, out: Path, log: Callable[[str], None]) -> _Run:
         marker,
     )
     run.trainable0 = trainable
+    run.old_in_update = old_logp_in_update(cfg)
     run.prompt_budget = prompt_budget(
         model_config.max_position_embeddings,
         cfg.rollout.max_new_tokens,
@@ -537,12 +563,14 @@ def _rl_step(run: _Run, state: dict[str, Any], step: int) -> tuple[dict[str, Any
     host, stats = _collect(run, state["params"], step)
     t0 = time.perf_counter()
     batch = global_batch(host, run.mesh)
-    logp, _ = run.score_fn(state["params"], run.frozen, batch, True)
-    sampler = batch.pop("sampler_logp")
     mask = batch["mask"]
-    diff = jnp.where(mask, jnp.abs(logp - sampler), 0.0)
-    mismatch = (jnp.sum(diff) / jnp.maximum(jnp.sum(mask), 1), jnp.max(diff))
-    batch["old_logp"] = logp if cfg.train.recompute_old_logp else sampler
+    mismatch = None  # on-policy: the update measures it (old_logp_in_update)
+    if not run.old_in_update:
+        logp, _ = run.score_fn(state["params"], run.frozen, batch, True)
+        sampler = batch.pop("sampler_logp")
+        diff = jnp.where(mask, jnp.abs(logp - sampler), 0.0)
+        mismatch = (jnp.sum(diff) / jnp.maximum(jnp.sum(mask), 1), jnp.max(diff))
+        batch["old_logp"] = logp if cfg.train.recompute_old_logp else sampler
     if cfg.loss.needs_reference:
         if run.ref is None:  # LoRA: the base model is the reference
             ref_logp, _ = run.score_fn(state["params"], run.frozen, batch, False)
@@ -590,8 +618,9 @@ def _rl_step(run: _Run, state: dict[str, Any], step: int) -> tuple[dict[str, Any
     record.update(
         _step_metrics_from_tokens(_all_processes(host["entropy"]), _all_processes(host["mask"]))
     )
-    record["logp_mismatch_mean"] = float(device["mismatch"][0])
-    record["logp_mismatch_max"] = float(device["mismatch"][1])
+    if device["mismatch"] is not None:
+        record["logp_mismatch_mean"] = float(device["mismatch"][0])
+        record["logp_mismatch_max"] = float(device["mismatch"][1])
     step_s = time.perf_counter() - t_start
     record.update(stats)
     record.update(

@@ -411,6 +411,7 @@ def plan_memory(
             temperature=1.0, chunk_size=logp_chunk_size, vocab_chunk_size=None,
             arca=loss == "arca",
             row_shards=row_shards,  # micro-batches split as the trainer splits them
+            group_size=group,  # each group's prompt runs once, as in the trainer
         )  # fmt: skip
         say("compiling the update step ...")
         t0 = time.perf_counter()

@@ -13,7 +13,9 @@
   optimizer update on a mini-batch of whole groups, gradient-accumulated over
   ``micro_batches`` chunks with the mini-batch's aggregation denominator, so
   the accumulated gradient equals the full mini-batch gradient exactly. The
-  state is donated.
+  state is donated. With ``old_from_forward`` (one update per batch, no
+  reference), ``old_logp`` is the update's own forward, detached, as TRL
+  does on-policy: no separate scoring pass.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ ROW_KEYS = (
     "tokens",
     "mask",
     "old_logp",
+    "sampler_logp",
     "ref_logp",
     "entropy",
     "token_keep",
@@ -116,7 +119,8 @@ def split_policy(model: nnx.Module, *, lora: bool) -> tuple[Any, nnx.State, nnx.
     return graphdef, trainable, frozen
 
 
-def _head(model, batch, *, temperature, chunk_size, vocab_chunk_size, use_lora, row_shards=1):
+def _head(model, batch, *, temperature, chunk_size, vocab_chunk_size, use_lora, row_shards=1,
+          group_size=1):  # fmt: skip
     hidden = completion_hidden_states(
         model,
         batch["prompt_tokens"],
@@ -124,6 +128,7 @@ def _head(model, batch, *, temperature, chunk_size, vocab_chunk_size, use_lora, 
         batch["tokens"],
         batch["mask"],
         use_lora=use_lora,
+        group_size=group_size,
     )
     logp, entropy = token_logp_and_entropy(
         hidden,
@@ -144,11 +149,14 @@ def make_score_fn(
     chunk_size: int | None,
     vocab_chunk_size: int | None,
     row_shards: int = 1,
+    group_size: int = 1,
 ) -> Callable[..., tuple[jax.Array, jax.Array]]:
     """A jitted ``(trainable, frozen, batch, use_lora) -> (logp [B,T], entropy [B,T])``.
 
     ``row_shards``: devices the batch rows are sharded over (see
-    ``token_logp_and_entropy``).
+    ``token_logp_and_entropy``). ``group_size``: contiguous rows that share
+    one prompt, run once per group (see
+    ``erpo_jax.models.completion_hidden_states``); 1 runs every row's prompt.
     """
 
     def score(trainable, frozen, batch, use_lora):
@@ -161,6 +169,7 @@ def make_score_fn(
             vocab_chunk_size=vocab_chunk_size,
             use_lora=use_lora,
             row_shards=row_shards,
+            group_size=group_size,
         )
         return logp, entropy
 
@@ -202,13 +211,23 @@ def make_update_fn(
     vocab_chunk_size: int | None,
     arca: bool,
     row_shards: int = 1,
+    group_size: int = 1,
+    old_from_forward: bool = False,
 ) -> Callable[..., tuple[dict[str, Any], dict[str, jax.Array]]]:
     """A jitted, state-donating ``(state, frozen, batch) -> (state, metrics)``.
 
     ``state`` is ``{"params", "opt_state", "step"}``; ``batch`` holds a
     mini-batch of whole groups (see :data:`ROW_KEYS`, plus ``rewards [P, G]``).
     Metrics: ``loss``, ``grad_norm``, ``learning_rate`` and the loss's aux
-    fields (averaged over micro-batches).
+    fields (averaged over micro-batches). ``group_size`` as in
+    :func:`make_score_fn` (micro-batches hold whole groups).
+
+    ``old_from_forward``: the batch has no ``old_logp``; it is this update's
+    own ``logp``, detached (exact only when the batch gets one update, from
+    the policy that sampled it: the importance ratio is then exactly 1).
+    The batch's ``sampler_logp`` then gives the metrics
+    ``logp_mismatch_mean`` / ``logp_mismatch_max`` (mean and max of
+    ``|logp - sampler_logp|`` over valid tokens).
     """
 
     def micro_loss(params, frozen, mb, denominator, step):
@@ -221,6 +240,7 @@ def make_update_fn(
             vocab_chunk_size=vocab_chunk_size,
             use_lora=True,
             row_shards=row_shards,
+            group_size=group_size,
         )
         if arca:
             # ARCA's credit: how far the adapter moves the last hidden state,
@@ -232,10 +252,18 @@ def make_update_fn(
                 mb["tokens"],
                 mb["mask"],
                 use_lora=False,
+                group_size=group_size,
             )
             diff = (hidden - base).astype(jnp.float32)
             mb = {**mb, "residual_norm": jax.lax.stop_gradient(jnp.linalg.norm(diff, axis=-1))}
-        return loss_fn(logp, mb, denominator=denominator, step=step)
+        extra = {}
+        if old_from_forward:
+            detached = jax.lax.stop_gradient(logp)
+            mb = {**mb, "old_logp": detached}
+            gap = jnp.where(mb["mask"], jnp.abs(detached - mb["sampler_logp"]), 0.0)
+            extra = {"sum": jnp.sum(gap), "max": jnp.max(gap, initial=0.0)}
+        loss, aux = loss_fn(logp, mb, denominator=denominator, step=step)
+        return loss, (aux, extra)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
@@ -243,26 +271,36 @@ def make_update_fn(
         params, step = state["params"], state["step"]
         denominator = loss_denominator(loss_cfg, batch["mask"], max_len=max_len)
         if micro_batches == 1:
-            (loss, aux), grads = grad_fn(params, frozen, batch, denominator, step)
+            (loss, (aux, extra)), grads = grad_fn(params, frozen, batch, denominator, step)
         else:
             micro = _split_micro(batch, micro_batches, row_shards)
 
             def body(carry, mb):
-                g_acc, l_acc, a_acc = carry
-                (loss, aux), grads = grad_fn(params, frozen, mb, denominator, step)
+                g_acc, l_acc, a_acc, e_acc = carry
+                (loss, (aux, extra)), grads = grad_fn(params, frozen, mb, denominator, step)
                 g_acc = jax.tree.map(jnp.add, g_acc, grads)
                 a_acc = jax.tree.map(lambda a, b: a + b / micro_batches, a_acc, aux)
-                return (g_acc, l_acc + loss, a_acc), None
+                if extra:
+                    e_acc = {"sum": e_acc["sum"] + extra["sum"],
+                             "max": jnp.maximum(e_acc["max"], extra["max"])}  # fmt: skip
+                return (g_acc, l_acc + loss, a_acc, e_acc), None
 
             zeros = jax.tree.map(jnp.zeros_like, params)
             first = {k: v[0] for k, v in micro.items()}
-            aux_shape = jax.eval_shape(
+            aux_shape, extra_shape = jax.eval_shape(
                 lambda: grad_fn(params, frozen, first, denominator, step)[0][1]
             )
-            aux0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape)
-            (grads, loss, aux), _ = jax.lax.scan(body, (zeros, jnp.float32(0.0), aux0), micro)
+            aux0, extra0 = jax.tree.map(
+                lambda s: jnp.zeros(s.shape, s.dtype), (aux_shape, extra_shape)
+            )
+            init = (zeros, jnp.float32(0.0), aux0, extra0)
+            (grads, loss, aux, extra), _ = jax.lax.scan(body, init, micro)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         params = optax.apply_updates(params, updates)
+        if extra:
+            valid = jnp.maximum(jnp.sum(batch["mask"], dtype=jnp.float32), 1.0)
+            aux = {**aux, "logp_mismatch_mean": extra["sum"] / valid,
+                   "logp_mismatch_max": extra["max"]}  # fmt: skip
         metrics = {
             **aux,
             "loss": loss,

@@ -56,12 +56,14 @@ def batch_arrays():
     b = P * G
     lengths = rng.integers(1, T + 1, b)
     mask = np.arange(T)[None] < lengths[:, None]
-    pmask = np.ones((b, S), bool)
+    pmask = np.ones((P, S), bool)
     pmask[::3, :2] = False
     rewards = rng.integers(0, 2, (P, G)).astype(np.float32)
+    # The trainer's layout: a group's G rows share their prompt, which the
+    # update and the scoring forward run once per group (group_size=G).
     return {
-        "prompt_tokens": rng.integers(3, 64, (b, S)).astype(np.int32),
-        "prompt_mask": pmask,
+        "prompt_tokens": np.repeat(rng.integers(3, 64, (P, S)).astype(np.int32), G, axis=0),
+        "prompt_mask": np.repeat(pmask, G, axis=0),
         "tokens": np.where(mask, rng.integers(3, 64, (b, T)), 0).astype(np.int32),
         "mask": mask,
         "rewards": rewards,
@@ -99,9 +101,15 @@ def one_step(mesh_cfg: MeshConfig, devices, shards=None):
         vocab_chunk_size=None,
         arca=False,
         row_shards=shards,  # (1, 4, 2): micro-batches take a slice of each shard's rows
+        group_size=G,
     )
     score = make_score_fn(
-        graphdef, temperature=1.0, chunk_size=16, vocab_chunk_size=None, row_shards=shards
+        graphdef,
+        temperature=1.0,
+        chunk_size=16,
+        vocab_chunk_size=None,
+        row_shards=shards,
+        group_size=G,
     )
     batch = global_batch(batch_arrays(), mesh)
     old, _ = score(trainable, frozen, batch, True)

@@ -8,9 +8,16 @@ from types import SimpleNamespace
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
-from erpo_jax.models import Decoder, ModelConfig, resolve_eos_ids, score_completions
+from erpo_jax.models import (
+    Decoder,
+    ModelConfig,
+    completion_hidden_states,
+    resolve_eos_ids,
+    score_completions,
+)
 
 CONFIG = ModelConfig(
     "qwen3",
@@ -84,6 +91,88 @@ def test_gradient_flows_to_parameters():
     grads = jax.jit(jax.grad(f))(params)
     norms = [float(jnp.linalg.norm(g)) for g in jax.tree.leaves(grads)]
     assert all(np.isfinite(norms)) and max(norms) > 0
+
+
+def _group_batch(p=3, g=4, s=6, t=7):
+    """``P`` left-padded prompts (1 to S real tokens), each repeated to its ``G``
+    rows, and ``P * G`` right-padded completions of 0 to T tokens."""
+    rng = np.random.default_rng(3)
+    prompt_len = np.array([s, 2, 1])[:p]
+    comp_len = np.array([7, 3, 1, 5, 7, 0, 2, 6, 4, 7, 1, 3])[: p * g]
+    prompt = np.zeros((p, s), np.int32)
+    pmask = np.zeros((p, s), bool)
+    for i in range(p):
+        prompt[i, s - prompt_len[i] :] = rng.integers(3, 50, prompt_len[i])
+        pmask[i, s - prompt_len[i] :] = True
+    tokens = np.zeros((p * g, t), np.int32)
+    mask = np.zeros((p * g, t), bool)
+    for i in range(p * g):
+        tokens[i, : comp_len[i]] = rng.integers(3, 50, comp_len[i])
+        mask[i, : comp_len[i]] = True
+    return np.repeat(prompt, g, 0), np.repeat(pmask, g, 0), tokens, mask, g
+
+
+def test_shared_prompt_matches_each_row_alone():
+    """group_size=G runs each prompt once; every valid token's log-prob is still
+    the naive per-row reference (the row alone, unpadded, full logits)."""
+    model = Decoder(CONFIG, rngs=nnx.Rngs(4))
+    prompt, pmask, tokens, mask, g = _group_batch()
+    logp, entropy = nnx.jit(
+        lambda m: score_completions(m, prompt, pmask, tokens, mask, group_size=g, chunk_size=4)
+    )(model)
+    forward = nnx.jit(lambda m, seq: m(seq))
+    for i in range(prompt.shape[0]):
+        n = int(mask[i].sum())
+        if n == 0:
+            continue
+        seq = np.concatenate([prompt[i][pmask[i]], tokens[i][mask[i]]])
+        lsm = jax.nn.log_softmax(np.asarray(forward(model, jnp.asarray(seq[None])))[0], -1)
+        pred = np.asarray(lsm)[len(seq) - n - 1 : len(seq) - 1]
+        ref_logp = np.take_along_axis(pred, seq[-n:, None], -1)[:, 0]
+        ref_ent = -np.sum(np.exp(pred) * pred, axis=-1)
+        np.testing.assert_allclose(np.asarray(logp)[i, :n], ref_logp, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(entropy)[i, :n], ref_ent, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(),
+        dict(scan_layers=True, remat=True),
+        dict(attention_impl="chunked", attention_block=4),
+    ],
+    ids=["unrolled", "scan-remat", "chunked"],
+)
+def test_shared_prompt_equals_unshared_in_value_and_gradient(options):
+    """The shared-prefix forward is the same function as the per-row one: hidden
+    states at every predicting position and the parameters' gradients agree."""
+    model = Decoder(CONFIG, rngs=nnx.Rngs(5), **options)
+    graphdef, params = nnx.split(model)
+    prompt, pmask, tokens, mask, g = _group_batch()
+    # the positions that predict a completion token
+    valid = np.concatenate([np.ones((len(mask), 1), bool), mask[:, :-1]], axis=1) & mask
+
+    def loss(params, group_size):
+        m = nnx.merge(graphdef, params)
+        h = completion_hidden_states(m, prompt, pmask, tokens, mask, group_size=group_size)
+        return jnp.sum(jnp.where(valid[..., None], jnp.sin(3.0 * h), 0.0)), h
+
+    (l1, h1), g1 = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(params, 1)
+    (lg, hg), gg = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(params, g)
+    np.testing.assert_allclose(np.asarray(hg)[valid], np.asarray(h1)[valid], atol=2e-6)
+    np.testing.assert_allclose(float(lg), float(l1), rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(gg), strict=True):
+        # (the untied unembedding gets no gradient from hidden states: 0 both ways)
+        scale = max(float(jnp.max(jnp.abs(a))), 1e-30)
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5 * scale)
+    assert float(jnp.linalg.norm(gg["layers"]["q_proj"][...])) > 0
+
+
+def test_shared_prompt_rejects_rows_that_do_not_split_into_groups():
+    model = Decoder(CONFIG, rngs=nnx.Rngs(0))
+    prompt, pmask, tokens, mask, _ = _group_batch()
+    with pytest.raises(ValueError, match="group_size=5 does not divide the 12 rows"):
+        completion_hidden_states(model, prompt, pmask, tokens, mask, group_size=5)
 
 
 def test_resolve_eos_ids_unions_every_source(tmp_path):

@@ -61,7 +61,8 @@ def _batch(seed=0):
     }
 
 
-def _setup(name, *, lora=False, micro=1, sgd=False, row_shards=1, **loss_kw):
+def _setup(name, *, lora=False, micro=1, sgd=False, row_shards=1, group_size=1,
+           old_from_forward=False, **loss_kw):  # fmt: skip
     model = Decoder(CONFIG, rngs=nnx.Rngs(0))
     if lora:
         add_lora(model, rank=4, alpha=8.0, rngs=nnx.Rngs(1))
@@ -90,6 +91,8 @@ def _setup(name, *, lora=False, micro=1, sgd=False, row_shards=1, **loss_kw):
         vocab_chunk_size=None,
         arca=name == "arca",
         row_shards=row_shards,
+        group_size=group_size,
+        old_from_forward=old_from_forward,
     )
     score = make_score_fn(graphdef, temperature=1.0, chunk_size=8, vocab_chunk_size=None)
     return graphdef, trainable, frozen, tx, update, score, cfg
@@ -214,3 +217,41 @@ def test_sharded_micro_split_takes_a_slice_of_every_shard():
     # 3 shards do not divide the groups into slices: the contiguous split
     plain = _split_micro(batch, 2, shards=3)
     np.testing.assert_array_equal(plain["rows"], rows.reshape(2, 8))
+
+
+@pytest.mark.parametrize("micro", [1, 2])
+def test_on_policy_update_with_shared_prompts_equals_the_scored_update(micro):
+    """The trainer's fast on-policy path (each group's prompt run once,
+    ``old_logp`` = the update's own detached forward) is the same update as
+    scoring ``old_logp`` first and running every row's prompt; and it reports
+    the sampler-vs-trainer log-prob gap over valid tokens."""
+    batch = {k: jnp.asarray(v) for k, v in _batch().items()}
+    # the trainer's layout: a group's G rows share their prompt
+    for key in ("prompt_tokens", "prompt_mask"):
+        batch[key] = jnp.repeat(batch[key][::G], G, axis=0)
+    results = []
+    for fast in (False, True):
+        _, trainable, frozen, tx, update, score, _ = _setup(
+            "grpo", micro=micro, sgd=True, group_size=G if fast else 1, old_from_forward=fast
+        )
+        logp, _ = score(trainable, frozen, batch, True)
+        noise = np.random.default_rng(2).normal(scale=0.03, size=logp.shape)
+        sampler = logp + jnp.asarray(noise, jnp.float32)
+        b = dict(batch, sampler_logp=sampler) if fast else dict(batch, old_logp=logp)
+        state = {"params": trainable, "opt_state": tx.init(trainable), "step": jnp.int32(0)}
+        state, metrics = update(state, frozen, b)
+        results.append((metrics, state["params"]))
+    (m0, p0), (m1, p1) = results
+    # (on-policy GRPO's loss is ~0: zero-mean advantages at ratio 1; the gradient is not)
+    assert float(m0["grad_norm"]) > 1e-3
+    assert float(m1["loss"]) == pytest.approx(float(m0["loss"]), abs=1e-6)
+    assert float(m1["grad_norm"]) == pytest.approx(float(m0["grad_norm"]), rel=1e-5)
+    for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(p1), strict=True):
+        scale = float(np.abs(np.asarray(a)).max())
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5 * scale)
+    # on-policy: the ratio is exactly 1, nothing clips
+    assert float(m1["clip_frac_low"]) == 0.0 and float(m1["clip_frac_high"]) == 0.0
+    gap = np.abs(np.random.default_rng(2).normal(scale=0.03, size=(P * G, T)))[_batch()["mask"]]
+    assert float(m1["logp_mismatch_mean"]) == pytest.approx(gap.mean(), rel=1e-3)
+    assert float(m1["logp_mismatch_max"]) == pytest.approx(gap.max(), rel=1e-3)
+    assert "logp_mismatch_mean" not in m0
