@@ -219,7 +219,7 @@ def test_sharded_micro_split_takes_a_slice_of_every_shard():
     np.testing.assert_array_equal(plain["rows"], rows.reshape(2, 8))
 
 
-@pytest.mark.parametrize("micro", [1, 2])
+@pytest.mark.parametrize("micro", [pytest.param(1, marks=pytest.mark.slow), 2])
 def test_on_policy_update_with_shared_prompts_equals_the_scored_update(micro):
     """The trainer's fast on-policy path (each group's prompt run once,
     ``old_logp`` = the update's own detached forward) is the same update as

@@ -143,6 +143,16 @@ def test_train_writes_outputs_and_metrics(checkpoint, tmp_path):
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [2, 3]
+    # Resuming this run with a different config names every differing key
+    # (before anything is built or overwritten).
+    changed = load_config(
+        None,
+        _overrides(checkpoint, "steps=4", "checkpoint_every=2", "eval_every=2", "loss.eta=0.5",
+                   "seed=4"),
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match=r"loss.eta \(checkpoint: 0.2, now: 0.5\); seed"):
+        train(changed, out=out, resume=True, log=lambda _: None)
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r] == [0, 1, 2]
 
 
 def test_dynamic_sampling_and_grpo(checkpoint, tmp_path):
@@ -164,14 +174,6 @@ def test_dynamic_sampling_and_grpo(checkpoint, tmp_path):
     assert record["sampling_tries"] == 2
     assert record["dynamic_sampling_filled"] == 4
     assert record["zero_std_group_frac"] == 1.0
-
-
-def test_resume_with_a_different_config_names_the_keys(checkpoint, tmp_path):
-    out = tmp_path / "r"
-    train(load_config(None, _overrides(checkpoint, "steps=1")), out=out, log=lambda _: None)
-    changed = load_config(None, _overrides(checkpoint, "steps=2", "loss.eta=0.5", "seed=4"))
-    with pytest.raises(ConfigError, match=r"loss.eta \(checkpoint: 0.2, now: 0.5\); seed"):
-        train(changed, out=out, resume=True, log=lambda _: None)
 
 
 def _cli(checkpoint, out, *extra):
