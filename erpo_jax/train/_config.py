@@ -188,6 +188,9 @@ class RolloutConfig:
       reft_top_n, reft_k: REFT's N and K (``group_size % reft_k == 0``).
       reft_marker: text whose tokens are forced before the REFT opener (e.g. ``<think>``).
       stop_strings: strings that end a completion, besides EOS ids.
+      stop_check_every: decode steps between the sampler's host checks of
+        the stop strings (smaller: less decoding past a stop, more host
+        round trips; see docs/benchmarks.md, "Stop strings").
       max_prompt_tokens: prompts longer than this are skipped (with a warning,
         counted in ``skipped_long_prompts``) and replaced by the next ones from
         the data stream; null: the model's context minus ``max_new_tokens``.
@@ -211,6 +214,7 @@ class RolloutConfig:
     reft_k: int = 4
     reft_marker: Optional[str] = None  # noqa: UP045
     stop_strings: tuple[str, ...] = ()
+    stop_check_every: int = 16
     max_prompt_tokens: Optional[int] = None  # noqa: UP045
     dynamic_sampling: bool = False
     max_sampling_tries: int = 4
@@ -241,6 +245,7 @@ class RolloutConfig:
             if self.reft_top_n < self.reft_k:
                 _fail("rollout.reft_top_n", self.reft_top_n, f"must be >= reft_k={self.reft_k}")
         _positive("rollout.max_sampling_tries", self.max_sampling_tries)
+        _positive("rollout.stop_check_every", self.stop_check_every)
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             _fail("rollout.max_prompt_tokens", self.max_prompt_tokens, "must be null or >= 1")
         if not self.reward_timeout_s > 0:
@@ -634,11 +639,21 @@ _RESUMABLE = {
 }
 
 
-def config_diff(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+def config_diff(
+    saved: dict[str, Any],
+    current: dict[str, Any],
+    prefix: str = "",
+    *,
+    defaults: dict[str, Any] | None = None,
+) -> list[str]:
     """Dotted keys whose values differ and that change the run's results.
 
     Only the bookkeeping keys (``steps``, ``out``, ``checkpoint_every``, ...)
-    may change on resume; the rest define the run.
+    may change on resume; the rest define the run. With ``defaults`` (the
+    default config as a dict), a key the saved config lacks (one added to
+    the library after the checkpoint was written) is unchanged when its
+    current value is its default: a new key's default keeps the behaviour
+    the run had without it.
     """
     out = []
     for key in sorted(set(saved) | set(current)):
@@ -646,8 +661,12 @@ def config_diff(saved: dict[str, Any], current: dict[str, Any], prefix: str = ""
         if name in _RESUMABLE:
             continue
         a, b = saved.get(key), current.get(key)
+        default = None if defaults is None else defaults.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            out.extend(config_diff(a, b, name + "."))
+            sub = default if isinstance(default, dict) else None
+            out.extend(config_diff(a, b, name + ".", defaults=sub))
+        elif key not in saved and defaults is not None and key in defaults and b == default:
+            continue
         elif a != b:
             out.append(f"{name} (checkpoint: {a!r}, now: {b!r})")
     return out

@@ -302,6 +302,7 @@ def _sampling_options(cfg: RunConfig, marker: tuple[int, ...]):
         reft_top_n=r.reft_top_n,
         reft_k=r.reft_k,
         reft_marker=marker,
+        stop_check_every=r.stop_check_every,
     )
 
 
@@ -728,7 +729,7 @@ def train(
                 f"--resume: no complete checkpoint in {out_dir / 'checkpoints'}"
             )
         saved = checkpointer.read_meta(latest)["config"]
-        diff = config_diff(saved, config_to_dict(cfg))
+        diff = config_diff(saved, config_to_dict(cfg), defaults=config_to_dict(RunConfig()))
         if diff:
             raise ConfigError(
                 "--resume: the config differs from the checkpoint's in " + "; ".join(diff)

@@ -41,6 +41,7 @@ def test_yaml_then_overrides(tmp_path):
         (["rollout.reft=true", "rollout.group_size=6"], r"rollout.reft_k=4.*divide.*group_size=6"),
         (["rollout.group_size=1"], r"rollout.group_size=1.*>= 2"),
         (["rollout.max_prompt_tokens=0"], r"rollout.max_prompt_tokens=0.*null or >= 1"),
+        (["rollout.stop_check_every=0"], r"rollout.stop_check_every=0"),
         (["train.micro_batches=3"], r"train.micro_batches=3.*divide the 16 groups"),
         (["model.dtype=int8"], r"model.dtype='int8'.*float32, bfloat16, float16"),
         (["data.source=file"], r"data.path=None.*needs a file"),
@@ -82,6 +83,29 @@ def test_config_diff_ignores_bookkeeping_keys():
         "loss.eta (checkpoint: 0.2, now: 0.5)",
         "seed (checkpoint: 0, now: 1)",
     ]
+
+
+def test_resume_accepts_a_key_added_since_the_checkpoint_at_its_default():
+    """A checkpoint written before rollout.stop_check_every existed resumes when
+    the key has its default (the behaviour the run had), not when it differs."""
+    defaults = config_to_dict(RunConfig())
+    saved = config_to_dict(load_config(None, ["seed=2"]))
+    del saved["rollout"]["stop_check_every"]
+    now = config_to_dict(load_config(None, ["seed=2"]))
+    assert config_diff(saved, now, defaults=defaults) == []
+    changed = config_to_dict(load_config(None, ["seed=2", "rollout.stop_check_every=4"]))
+    assert config_diff(saved, changed, defaults=defaults) == [
+        "rollout.stop_check_every (checkpoint: None, now: 4)"
+    ]
+    # the key reaches the sampler
+    from erpo_jax.train._loop import _sampling_options
+
+    assert (
+        _sampling_options(load_config(None, ["rollout.stop_check_every=4"]), ()).stop_check_every
+        == 4
+    )
+    # without the defaults, a missing key is a difference
+    assert config_diff(saved, now) == ["rollout.stop_check_every (checkpoint: None, now: 16)"]
 
 
 def test_cli_rejects_bad_config_with_exit_2(capsys, tmp_path):
