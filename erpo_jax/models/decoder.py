@@ -608,7 +608,7 @@ class Decoder(nnx.Module):
         params = self.layers.arrays()
         sharding = self.residual_sharding if cache is None else None
         pin, unpin = self._pins(sharding, x.shape[0])
-        block = self._block_fn(use_lora=use_lora, gather=None if sharding is None else unpin)
+        block = self._block_fn(use_lora=use_lora, gather=unpin)
 
         def layer(p, x, cache_k, cache_v):
             """One block; ``cache_k``/``cache_v`` are this layer's ``[B, K, C, H]`` or None."""
@@ -659,8 +659,8 @@ class Decoder(nnx.Module):
         sharding = self.residual_sharding
         pin_p, unpin_p = self._pins(sharding, xp.shape[0])
         pin_c, unpin_c = self._pins(sharding, xc.shape[0])
-        block_p = self._block_fn(use_lora=use_lora, gather=None if sharding is None else unpin_p)
-        block_c = self._block_fn(use_lora=use_lora, gather=None if sharding is None else unpin_c)
+        block_p = self._block_fn(use_lora=use_lora, gather=unpin_p)
+        block_c = self._block_fn(use_lora=use_lora, gather=unpin_c)
 
         def layer(p, xp, xc):
             prefix = []
@@ -679,15 +679,20 @@ class Decoder(nnx.Module):
 
                 return join(kp, k), join(vp, v)
 
-            xc = block_c(p, xc, *rope_c, vis_c, after_prompt)
-            return pin_p(xp), pin_c(xc)
+            return xp, block_c(p, xc, *rope_c, vis_c, after_prompt)
 
         if self.remat:
             layer = jax.checkpoint(layer)
+
+        def pinned(p, xp, xc):
+            # Pinned outside the checkpoint, as in _run_layers.
+            xp, xc = layer(p, xp, xc)
+            return pin_p(xp), pin_c(xc)
+
         xp, xc = pin_p(xp), pin_c(xc)
         if self.scan_layers:
-            (xp, xc), _ = jax.lax.scan(lambda c, p: (layer(p, *c), None), (xp, xc), params)
+            (xp, xc), _ = jax.lax.scan(lambda c, p: (pinned(p, *c), None), (xp, xc), params)
         else:
             for i in range(self.config.num_layers):
-                xp, xc = layer(jax.tree.map(lambda a, i=i: a[i], params), xp, xc)
+                xp, xc = pinned(jax.tree.map(lambda a, i=i: a[i], params), xp, xc)
         return unpin_p(xp), unpin_c(xc)

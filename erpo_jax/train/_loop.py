@@ -231,6 +231,7 @@ def _build(cfg: RunConfig, out: Path, log: Callable[[str], None]) -> _Run:
         group_size=cfg.rollout.group_size,
     )
     score_fn = make_score_fn(graphdef, temperature=temperature, **chunk)
+    old_in_update = old_logp_in_update(cfg)
     loss_fn = make_loss_fn(cfg.loss, max_len=cfg.rollout.max_new_tokens, total_steps=total_updates)
     update_fn = make_update_fn(
         graphdef,
@@ -242,7 +243,7 @@ def _build(cfg: RunConfig, out: Path, log: Callable[[str], None]) -> _Run:
         max_len=cfg.rollout.max_new_tokens,
         temperature=temperature,
         arca=cfg.loss.name == "arca",
-        old_from_forward=old_logp_in_update(cfg),
+        old_from_forward=old_in_update,
         **chunk,
     )
     inline = cfg.rollout.reward_workers == 0 or not getattr(task, "sandbox_rewards", True)
@@ -276,7 +277,7 @@ def _build(cfg: RunConfig, out: Path, log: Callable[[str], None]) -> _Run:
         marker,
     )
     run.trainable0 = trainable
-    run.old_in_update = old_logp_in_update(cfg)
+    run.old_in_update = old_in_update
     run.prompt_budget = prompt_budget(
         model_config.max_position_embeddings,
         cfg.rollout.max_new_tokens,
@@ -557,7 +558,7 @@ def _step_metrics_from_tokens(entropy: np.ndarray, mask: np.ndarray) -> dict[str
 def _rl_step(run: _Run, state: dict[str, Any], step: int) -> tuple[dict[str, Any], dict[str, Any]]:
     from erpo_jax.losses import high_entropy_mask
     from erpo_jax.train._mesh import global_batch
-    from erpo_jax.train._step import _split_micro
+    from erpo_jax.train._step import _split_micro, logp_gap
 
     cfg = run.config
     t_start = time.perf_counter()
@@ -569,8 +570,8 @@ def _rl_step(run: _Run, state: dict[str, Any], step: int) -> tuple[dict[str, Any
     if not run.old_in_update:
         logp, _ = run.score_fn(state["params"], run.frozen, batch, True)
         sampler = batch.pop("sampler_logp")
-        diff = jnp.where(mask, jnp.abs(logp - sampler), 0.0)
-        mismatch = (jnp.sum(diff) / jnp.maximum(jnp.sum(mask), 1), jnp.max(diff))
+        total, largest = logp_gap(logp, sampler, mask)
+        mismatch = (total / jnp.maximum(jnp.sum(mask), 1), largest)
         batch["old_logp"] = logp if cfg.train.recompute_old_logp else sampler
     if cfg.loss.needs_reference:
         if run.ref is None:  # LoRA: the base model is the reference

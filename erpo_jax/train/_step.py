@@ -176,6 +176,14 @@ def make_score_fn(
     return jax.jit(score, static_argnums=(3,))
 
 
+def logp_gap(
+    logp: jax.Array, sampler_logp: jax.Array, mask: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """``(sum, max)`` of ``|logp - sampler_logp|`` over valid tokens (0 when none)."""
+    gap = jnp.where(mask, jnp.abs(logp - sampler_logp), 0.0)
+    return jnp.sum(gap), jnp.max(gap, initial=0.0)
+
+
 def _split_micro(batch: dict[str, Any], micro: int, shards: int = 1) -> dict[str, Any]:
     """Each entry reshaped to ``[micro, rows / micro, ...]`` (rewards by groups).
 
@@ -260,8 +268,8 @@ def make_update_fn(
         if old_from_forward:
             detached = jax.lax.stop_gradient(logp)
             mb = {**mb, "old_logp": detached}
-            gap = jnp.where(mb["mask"], jnp.abs(detached - mb["sampler_logp"]), 0.0)
-            extra = {"sum": jnp.sum(gap), "max": jnp.max(gap, initial=0.0)}
+            total, largest = logp_gap(detached, mb["sampler_logp"], mb["mask"])
+            extra = {"sum": total, "max": largest}
         loss, aux = loss_fn(logp, mb, denominator=denominator, step=step)
         return loss, (aux, extra)
 
