@@ -393,10 +393,18 @@ def _next_prompts(run: _Run, p: int) -> tuple[list[Any], int]:
     by the next ones (the rest of the batch that supplied the last replacement
     is not used).
 
+    With several processes, every process draws as many batches as the one
+    that needs the most: the streams stay in lockstep, so the one stream state
+    a checkpoint saves (``PromptStream.state`` is the same on every process)
+    is every process's position, and the error below is raised by all
+    processes together rather than by one while the others wait in a
+    collective.
+
     Raises:
       ValueError: ``_MAX_REFILLS`` batches in a row held too few prompts that fit.
     """
     from erpo_jax.rollout import LongPromptWarning, split_long_prompts
+    from erpo_jax.sampling._hosts import global_max
 
     problems: list[Any] = []
     skipped = 0
@@ -405,13 +413,15 @@ def _next_prompts(run: _Run, p: int) -> tuple[list[Any], int]:
         fit, long = split_long_prompts(run.task, run.tokenizer, batch, run.prompt_budget)
         problems.extend(batch[i] for i in fit)
         skipped += len(long)
-        if len(problems) >= p:
+        fewest = -global_max(-len(problems))
+        if fewest >= p:  # every process has its p prompts
             break
     else:
+        where = " (on the process with the fewest)" if jax.process_count() > 1 else ""
         raise ValueError(
-            f"rollout: {_MAX_REFILLS} batches of prompts gave only {len(problems)} of the "
-            f"{p} prompts that fit rollout.max_prompt_tokens={run.prompt_budget} tokens "
-            f"({skipped} skipped); raise it (or model context) or filter the data"
+            f"rollout: {_MAX_REFILLS} batches of prompts gave only {fewest} of the "
+            f"{p} prompts that fit rollout.max_prompt_tokens={run.prompt_budget} tokens"
+            f"{where} ({skipped} skipped here); raise it (or model context) or filter the data"
         )
     if skipped:
         warnings.warn(

@@ -352,3 +352,38 @@ def test_long_prompts_are_replaced_from_the_stream_and_counted(tmp_path):
     )
     with pytest.raises(ValueError, match=r"gave only 0 of the 2 prompts .*max_prompt_tokens"):
         _next_prompts(run, 2)
+
+
+def test_long_prompt_refills_keep_the_processes_streams_in_lockstep(tmp_path, monkeypatch):
+    """With several processes every one draws as many batches as the process
+    that skipped the most, so the stream state a checkpoint saves once holds
+    for all of them; a peer that never fills makes every process raise."""
+    from types import SimpleNamespace
+
+    from erpo_jax.models import load_tokenizer
+    from erpo_jax.sampling import _hosts
+    from erpo_jax.tasks import build_countdown_tokenizer, make_task
+    from erpo_jax.train import _loop
+
+    tokenizer = load_tokenizer(build_countdown_tokenizer(tmp_path))
+    task = make_task("countdown")
+    rows = [CountdownProblem((1, 2), 3 + i) for i in range(8)]
+
+    def local_run():
+        stream = PromptStream(rows, batch_size=2, seed=0, shuffle=False)
+        return SimpleNamespace(stream=stream, task=task, tokenizer=tokenizer, prompt_budget=10_000)
+
+    # The emulated peer fits 0 prompts in its first batch and 2 in its second;
+    # global_max(-count) is -(the smallest count over the processes).
+    peer = iter([0, 2])
+    monkeypatch.setattr(_hosts, "global_max", lambda v: max(v, -next(peer)))
+    run = local_run()
+    problems, skipped = _loop._next_prompts(run, 2)
+    assert run.stream.batches == 2  # one batch more than this process alone needed
+    assert problems == rows[:2] and skipped == 0
+
+    monkeypatch.setattr(_hosts, "global_max", lambda v: max(v, 0))  # the peer never fills
+    run = local_run()
+    with pytest.raises(ValueError, match=r"32 batches of prompts gave only 0 of the 2 prompts"):
+        _loop._next_prompts(run, 2)
+    assert run.stream.batches == _loop._MAX_REFILLS
