@@ -8,12 +8,29 @@ NumPy loops written from METHOD.md) or from arithmetic written in the test.
 from __future__ import annotations
 
 import os
-
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import shutil
+import tempfile
 
 import numpy as np
 import pytest
 from hypothesis import settings
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# One persistent XLA compilation cache for the whole test session: the xdist
+# workers and the tests' subprocesses (which inherit the environment) reuse
+# each other's compiled programs instead of compiling the same HLO again.
+# Compilation is most of the suite's time (the loss tests' eager calls alone
+# compile hundreds of small programs per case), and the cached executable is
+# the one a fresh compile would produce, so results do not change. The
+# controller creates the directory before the workers start and removes it at
+# the end; a developer's own JAX_COMPILATION_CACHE_DIR is used as it is.
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _OWN_CACHE = tempfile.mkdtemp(prefix="erpo_jax_test_xla_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True)
 settings.load_profile("ci")
@@ -67,3 +84,8 @@ def make_batch(
 @pytest.fixture
 def batch() -> dict[str, np.ndarray]:
     return make_batch(0, 3, 4, 9)
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE is not None:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
