@@ -370,17 +370,26 @@ class TrainLoopConfig:
         exactly 0 at step 0); false uses the sampler's ``logp``. With one
         update per batch and no reference, the recomputed ``old_logp`` is
         the update's own forward, detached, and no separate pass runs.
+      length_buckets: the scoring and update passes run on the step's
+        completions cut to the smallest multiple of
+        ``ceil(rollout.max_new_tokens / length_buckets)`` columns that holds
+        the longest one (over all processes), not on the whole budget: at
+        most ``length_buckets`` widths are compiled. 1: always the full
+        ``max_new_tokens``. The cut columns are padding of every row, so the
+        losses are unchanged (Dr. GRPO's normalizer stays ``max_new_tokens``).
     """
 
     num_iterations: int = 1
     mini_batches: int = 1
     micro_batches: int = 1
     recompute_old_logp: bool = True
+    length_buckets: int = 8
 
     def __post_init__(self):
         _positive("train.num_iterations", self.num_iterations)
         _positive("train.mini_batches", self.mini_batches)
         _positive("train.micro_batches", self.micro_batches)
+        _positive("train.length_buckets", self.length_buckets)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -508,6 +517,12 @@ class RunConfig:
             raise ConfigError(
                 "config: loss.name=arca needs LoRA (ARCA's credit is the adapter's effect on "
                 "the last hidden state); set model.lora_rank > 0, e.g. model.lora_rank=16"
+            )
+        if train.length_buckets > rollout.max_new_tokens:
+            _fail(
+                "train.length_buckets",
+                train.length_buckets,
+                f"must be in 1..rollout.max_new_tokens={rollout.max_new_tokens}",
             )
         groups = rollout.prompts_per_step
         if groups % train.mini_batches:

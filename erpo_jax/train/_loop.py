@@ -565,6 +565,24 @@ def _step_metrics_from_tokens(entropy: np.ndarray, mask: np.ndarray) -> dict[str
     return {"entropy_mean": float(valid.mean()), "entropy_p90": float(np.quantile(valid, 0.9))}
 
 
+_COMPLETION_KEYS = ("tokens", "mask", "entropy", "sampler_logp")  # the [B, T] arrays
+
+
+def completion_width(mask: np.ndarray, budget: int, buckets: int) -> int:
+    """The columns a step's passes need (see ``train.length_buckets``).
+
+    The longest completion in ``mask [B, T]`` (the longest over all
+    processes), rounded up to a multiple of ``ceil(budget / buckets)`` and at
+    most ``budget``; at least one quantum when every row is empty.
+    """
+    from erpo_jax.sampling._hosts import global_max
+
+    used = np.flatnonzero(np.asarray(mask).any(axis=0))
+    longest = global_max(int(used[-1]) + 1 if used.size else 1)
+    quantum = -(-budget // buckets)
+    return min(budget, -(-longest // quantum) * quantum)
+
+
 def _rl_step(run: _Run, state: dict[str, Any], step: int) -> tuple[dict[str, Any], dict[str, Any]]:
     from erpo_jax.losses import high_entropy_mask
     from erpo_jax.train._mesh import global_batch
@@ -574,6 +592,8 @@ def _rl_step(run: _Run, state: dict[str, Any], step: int) -> tuple[dict[str, Any
     t_start = time.perf_counter()
     host, stats = _collect(run, state["params"], step)
     t0 = time.perf_counter()
+    width = completion_width(host["mask"], cfg.rollout.max_new_tokens, cfg.train.length_buckets)
+    host = {k: v[:, :width] if k in _COMPLETION_KEYS else v for k, v in host.items()}
     batch = global_batch(host, run.mesh)
     mask = batch["mask"]
     mismatch = None  # on-policy: the update measures it (old_logp_in_update)
@@ -635,6 +655,7 @@ def _rl_step(run: _Run, state: dict[str, Any], step: int) -> tuple[dict[str, Any
         record["logp_mismatch_max"] = float(device["mismatch"][1])
     step_s = time.perf_counter() - t_start
     record.update(stats)
+    record["completion_width"] = width
     record.update(
         score_seconds=score_s,
         update_seconds=update_s,

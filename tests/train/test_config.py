@@ -43,6 +43,8 @@ def test_yaml_then_overrides(tmp_path):
         (["rollout.max_prompt_tokens=0"], r"rollout.max_prompt_tokens=0.*null or >= 1"),
         (["rollout.stop_check_every=0"], r"rollout.stop_check_every=0"),
         (["train.micro_batches=3"], r"train.micro_batches=3.*divide the 16 groups"),
+        (["train.length_buckets=0"], r"train.length_buckets=0.*>= 1"),
+        (["train.length_buckets=49"], r"train.length_buckets=49.*1..rollout.max_new_tokens=48"),
         (["model.dtype=int8"], r"model.dtype='int8'.*float32, bfloat16, float16"),
         (["data.source=file"], r"data.path=None.*needs a file"),
         (["mesh.data=-1", "mesh.fsdp=-1"], r"at most one of mesh.data, mesh.fsdp"),

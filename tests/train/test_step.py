@@ -146,6 +146,55 @@ def test_micro_batches_reproduce_the_full_batch_update(name):
             )
 
 
+@pytest.mark.parametrize("name", ["erpo", "dr_grpo"])
+def test_update_on_completions_cut_to_their_longest_equals_the_full_width(name):
+    """The loop's train.length_buckets cut: dropping columns that are padding in
+    every row changes neither the loss (Dr. GRPO's normalizer stays the
+    budget T), the gradient nor the parameters."""
+    _, trainable, frozen, tx, update, score, cfg = _setup(name, sgd=True)
+    batch = _full_batch(trainable, frozen, score, cfg)
+    width = 4
+    batch["mask"] = batch["mask"].at[:, width:].set(False)
+    batch["mask"] = batch["mask"].at[0, :width].set(True)  # one row fills all 4 columns
+    batch["tokens"] = jnp.where(batch["mask"], batch["tokens"], 0)
+    cut = {k: v[:, :width] if v.ndim == 2 and v.shape[1] == T else v for k, v in batch.items()}
+    assert cut["tokens"].shape == (P * G, width) and cut["rewards"].shape == (P, G)
+    results = []
+    for b in (batch, cut):
+        params = jax.tree.map(jnp.copy, trainable)  # the update donates its state
+        state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0)}
+        state, metrics = update(state, frozen, b)
+        results.append((float(metrics["loss"]), float(metrics["grad_norm"]), state["params"]))
+    (l1, g1, p1), (l2, g2, p2) = results
+    assert abs(l1) > 1e-6 and g1 > 1e-6
+    assert l2 == pytest.approx(l1, rel=1e-5, abs=1e-7) and g2 == pytest.approx(g1, rel=1e-5)
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2), strict=True):
+        scale = float(np.abs(np.asarray(a)).max())
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5 * scale + 1e-9)
+
+
+@pytest.mark.parametrize(
+    ("last_used", "budget", "buckets", "want"),
+    [
+        (34, 48, 8, 36),  # quantum 6: 34 -> 36
+        (36, 48, 8, 36),
+        (48, 48, 8, 48),
+        (None, 48, 8, 6),  # every row empty: one quantum
+        (34, 48, 1, 48),  # one bucket: always the budget
+        (9, 10, 3, 10),  # quantum ceil(10 / 3) = 4: 9 -> 12, capped at the budget
+        (3, 10, 10, 3),
+    ],
+)
+def test_completion_width(last_used, budget, buckets, want):
+    from erpo_jax.train._loop import completion_width
+
+    mask = np.zeros((3, budget), bool)
+    if last_used is not None:
+        mask[1, :last_used] = True
+        mask[2, :2] = True
+    assert completion_width(mask, budget, buckets) == want
+
+
 def test_step_zero_progress_signal_is_exactly_zero():
     """old_logp (recomputed) and ref_logp go through one compiled forward: equal bit for bit."""
     _, trainable, frozen, _, _, score, _ = _setup("erpo")
