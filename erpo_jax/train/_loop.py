@@ -41,7 +41,7 @@ from erpo_jax.train._config import (
     config_to_yaml,
 )
 
-__all__ = ["TIMING_KEYS", "train"]
+__all__ = ["TIMING_KEYS", "train", "use_compilation_cache"]
 
 TIMING_KEYS = (
     "rollout_seconds",
@@ -707,6 +707,31 @@ def _eval_record(summary: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------- main
 
 
+def use_compilation_cache(path: str | None) -> str | None:
+    """Points JAX's persistent compilation cache at ``path`` (``~`` expanded).
+
+    A cache already configured (``JAX_COMPILATION_CACHE_DIR``,
+    ``jax.config``) is kept; ``None`` changes nothing. Returns the directory
+    in use, or ``None``.
+
+    Raises:
+      ConfigError: ``path`` cannot be created (names the key).
+    """
+    current = jax.config.values.get("jax_compilation_cache_dir")
+    if current or path is None:
+        return current or None
+    directory = Path(path).expanduser()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(
+            f"config key compilation_cache_dir={path!r}: cannot create the directory ({e}); "
+            "give a writable path, or null to turn the cache off"
+        ) from e
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    return str(directory)
+
+
 def train(
     config: RunConfig,
     *,
@@ -735,6 +760,7 @@ def train(
     from erpo_jax.train._metrics import MetricsWriter
 
     cfg = config
+    use_compilation_cache(cfg.compilation_cache_dir)
     if cfg.mesh.distributed:
         m = cfg.mesh
         jax.distributed.initialize(

@@ -78,7 +78,17 @@ def test_mesh_shape_must_fit_the_devices():
 
 def test_config_diff_ignores_bookkeeping_keys():
     a = config_to_dict(load_config(None, ["steps=10"]))
-    b = config_to_dict(load_config(None, ["steps=20", "checkpoint_every=5"]))
+    b = config_to_dict(
+        load_config(
+            None,
+            [
+                "steps=20",
+                "checkpoint_every=5",
+                "compilation_cache_dir=null",
+                "train.length_buckets=1",
+            ],
+        )
+    )
     assert config_diff(a, b) == []
     c = config_to_dict(load_config(None, ["loss.eta=0.5", "seed=1"]))
     assert config_diff(a, c) == [
@@ -168,3 +178,45 @@ def test_multihost_layout_that_divides_passes(monkeypatch):
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     cfg = load_config(None, ["rollout.prompts_per_step=4", "eval.batch_size=4"])
     _check_multihost(cfg, types.SimpleNamespace(shape={"data": 2, "fsdp": 2, "tensor": 1}), 64)
+
+
+def test_compilation_cache_dir(tmp_path):
+    """The trainer points JAX's persistent cache at compilation_cache_dir (a
+    fresh process, as the test session sets its own cache): a program
+    compiled there is stored; an unusable path is a ConfigError naming the
+    key; a cache configured before (JAX_COMPILATION_CACHE_DIR) is kept."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    assert RunConfig().compilation_cache_dir == "~/.cache/erpo_jax/xla"
+    assert load_config(None, ["compilation_cache_dir=null"]).compilation_cache_dir is None
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    script = textwrap.dedent(
+        f"""
+        import jax, jax.numpy as jnp
+        from erpo_jax.train import ConfigError
+        from erpo_jax.train._loop import use_compilation_cache
+        try:
+            use_compilation_cache({str(blocker / "cache")!r})
+        except ConfigError as e:
+            assert "compilation_cache_dir=" in str(e) and "null" in str(e), e
+        else:
+            raise AssertionError("no error for a path under a file")
+        assert use_compilation_cache(None) is None
+        got = use_compilation_cache({str(tmp_path / "cache")!r})
+        assert got == {str(tmp_path / "cache")!r}, got
+        jax.jit(lambda x: jnp.sin(x) * 2)(jnp.ones(3)).block_until_ready()
+        assert use_compilation_cache("/elsewhere") == got  # the cache in use is kept
+        print("OK")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # store even this tiny program
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "OK", out.stderr[-3000:]
+    assert any((tmp_path / "cache").iterdir())  # the compiled program was stored
