@@ -52,6 +52,14 @@ def completion_hidden_states(
             raise ValueError(
                 f"completion_hidden_states: group_size={group_size} does not divide the {b} rows"
             )
+        if jnp.shape(tokens)[1] == 1:
+            # Nothing follows the prompt: its last position predicts the only token.
+            first = model.hidden_states(
+                prompt_tokens[::group_size],
+                jnp.asarray(prompt_mask, bool)[::group_size],
+                use_lora=use_lora,
+            )
+            return jnp.repeat(first[:, -1:], group_size, axis=0)
         first, last = model.shared_prefix_hidden_states(
             prompt_tokens[::group_size],
             jnp.asarray(prompt_mask, bool)[::group_size],

@@ -377,6 +377,9 @@ class TrainLoopConfig:
         most ``length_buckets`` widths are compiled. 1: always the full
         ``max_new_tokens``. The cut columns are padding of every row, so the
         losses are unchanged (Dr. GRPO's normalizer stays ``max_new_tokens``).
+        It may change on resume; the run then continues equal up to float
+        rounding to the uninterrupted one, not bit for bit (a checkpoint
+        written before this key existed ran at the full width, 1).
         Each new width costs one compilation of the passes (on the toy about
         13 s on a 2-core CPU, against 0.2 s saved per step at width 36 of
         48), hence few, coarse widths; ``compilation_cache_dir`` keeps them
@@ -661,7 +664,9 @@ _RESUMABLE = {
     "keep_checkpoints",
     "eval_every",
     "profile_step",
-    # how the run is computed, not what: the same losses and updates
+    # how the run is computed, not what: the same programs from a cache, and
+    # the same losses and updates on fewer padding columns (equal up to float
+    # rounding, so a resume that changes it is no longer bit-exact)
     "compilation_cache_dir",
     "train.length_buckets",
 }

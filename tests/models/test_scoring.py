@@ -148,6 +148,20 @@ def test_shared_prompt_equals_unshared_in_value_and_gradient(options):
     assert float(jnp.linalg.norm(gg["layers"]["q_proj"][...])) > 0
 
 
+def test_shared_prompt_with_one_token_completions():
+    """One completion column (the trainer's cut when every completion is one
+    token, or max_new_tokens=1): nothing follows the prompt, and the shared
+    forward gives the per-row one's hidden state, not a division by zero."""
+    model = Decoder(CONFIG, rngs=nnx.Rngs(5))
+    prompt, pmask, tokens, mask, g = _group_batch()
+    tokens, mask = tokens[:, :1], mask[:, :1]
+    one = completion_hidden_states(model, prompt, pmask, tokens, mask, group_size=1)
+    shared = completion_hidden_states(model, prompt, pmask, tokens, mask, group_size=g)
+    assert shared.shape == one.shape == (len(tokens), 1, CONFIG.hidden_size)
+    np.testing.assert_allclose(np.asarray(shared), np.asarray(one), atol=2e-6)
+    assert float(jnp.max(jnp.abs(one))) > 1e-3
+
+
 def test_shared_prompt_rejects_rows_that_do_not_split_into_groups():
     model = Decoder(CONFIG, rngs=nnx.Rngs(0))
     prompt, pmask, tokens, mask, _ = _group_batch()

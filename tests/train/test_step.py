@@ -146,16 +146,24 @@ def test_micro_batches_reproduce_the_full_batch_update(name):
             )
 
 
-@pytest.mark.parametrize("name", ["erpo", "dr_grpo"])
-def test_update_on_completions_cut_to_their_longest_equals_the_full_width(name):
+@pytest.mark.parametrize(
+    ("name", "group_size", "micro", "width"),
+    [("erpo", 1, 1, 4), ("dr_grpo", 1, 1, 4), ("erpo", G, 2, 1)],
+    ids=["erpo", "dr_grpo", "erpo-shared-prompts-micro2-width1"],
+)
+def test_update_on_completions_cut_to_their_longest_equals_the_full_width(
+    name, group_size, micro, width
+):
     """The loop's train.length_buckets cut: dropping columns that are padding in
     every row changes neither the loss (Dr. GRPO's normalizer stays the
-    budget T), the gradient nor the parameters."""
-    _, trainable, frozen, tx, update, score, cfg = _setup(name, sgd=True)
+    budget T), the gradient nor the parameters; also with shared prompts,
+    micro-batches and one-token completions (a one-column cut)."""
+    _, trainable, frozen, tx, update, score, cfg = _setup(
+        name, sgd=True, group_size=group_size, micro=micro
+    )
     batch = _full_batch(trainable, frozen, score, cfg)
-    width = 4
     batch["mask"] = batch["mask"].at[:, width:].set(False)
-    batch["mask"] = batch["mask"].at[0, :width].set(True)  # one row fills all 4 columns
+    batch["mask"] = batch["mask"].at[0, :width].set(True)  # one row fills every kept column
     batch["tokens"] = jnp.where(batch["mask"], batch["tokens"], 0)
     cut = {k: v[:, :width] if v.ndim == 2 and v.shape[1] == T else v for k, v in batch.items()}
     assert cut["tokens"].shape == (P * G, width) and cut["rewards"].shape == (P, G)
