@@ -374,7 +374,8 @@ class TrainLoopConfig:
         completions cut to the smallest multiple of
         ``ceil(rollout.max_new_tokens / length_buckets)`` columns that holds
         the longest one (over all processes), not on the whole budget: at
-        most ``length_buckets`` widths are compiled. 1: always the full
+        most ``length_buckets`` completion widths are compiled (for each
+        prompt-width bucket). 1: always the full
         ``max_new_tokens``. The cut columns are padding of every row, so the
         losses are unchanged (Dr. GRPO's normalizer stays ``max_new_tokens``).
         It may change on resume; the run then continues equal up to float
@@ -496,6 +497,8 @@ class RunConfig:
         this one compiled instead of compiling them again; programs that took
         under a second to compile are not stored. null: off. A cache set
         through ``JAX_COMPILATION_CACHE_DIR`` or ``jax.config`` is used as it is.
+        JAX writes entries from process 0 only: on several hosts, give a
+        path on a filesystem they share, or only process 0 gains.
     """
 
     steps: int = 100
