@@ -5,10 +5,10 @@ benchmark's reward reads token ids, as TRL's side does): the jitted KV-cache
 sampler (``erpo_jax.sampling.sample``, no EOS so every row runs to T), the
 reward on the host, then the jitted, state-donating update
 (``make_update_fn``) with AdamW, each group's prompt run once
-(``group_size``). As in the trainer (``old_logp_in_update``): a loss
-without a reference takes ``old_logp`` from the update's own forward
-(one update per step); a loss with one scores ``old_logp`` and ``ref_logp``
-through the same compiled function first. ``beta 0`` is the workload's KL
+(``group_size``). As in the trainer (``old_logp_in_update``): the loss
+takes ``old_logp`` from the update's own forward (one update per step)
+unless it needs ``old_logp`` and ``ref_logp`` from one compiled function
+(ERPO's progress signal), which then scores both first. ``beta 0`` is the workload's KL
 coefficient: GRPO has no reference forward; ERPO keeps its defaults
 (``eta = 0.2``), whose progress signal needs the reference forward.
 """
@@ -56,7 +56,7 @@ def measure(args: Any, loss_name: str, common: dict[str, Any]) -> dict[str, Any]
     tx, schedule = make_optimizer(OptimizerConfig(learning_rate=1e-6), steps, trainable)
     loss_fn = make_loss_fn(cfg, max_len=t, total_steps=steps)
     chunk = dict(chunk_size=None, vocab_chunk_size=None, group_size=g)
-    on_policy = not cfg.needs_reference  # the trainer's old_logp_in_update at one update/step
+    on_policy = not cfg.needs_old_ref_pair  # the trainer's old_logp_in_update at one update/step
     update = make_update_fn(graphdef, tx, schedule, loss_fn, cfg, micro_batches=1, max_len=t,
                             temperature=1.0, arca=False, old_from_forward=on_policy,
                             **chunk)  # fmt: skip
@@ -90,6 +90,7 @@ def measure(args: Any, loss_name: str, common: dict[str, Any]) -> dict[str, Any]
             batch["sampler_logp"] = out.logp
         else:
             batch["old_logp"], _ = score(state["params"], frozen, batch, True)
+        if ref is not None:
             batch["ref_logp"], _ = score(ref, frozen, batch, True)
         state, metrics = update(state, frozen, batch)
         jax.block_until_ready(metrics["loss"])

@@ -327,6 +327,19 @@ class LossConfig:
         """A frozen reference forward is needed: KL > 0, or ERPO's progress term (eta > 0)."""
         return self.kl_coef > 0 or (self.name == "erpo" and self.eta > 0)
 
+    @property
+    def needs_old_ref_pair(self) -> bool:
+        """``old_logp`` and ``ref_logp`` must come from one compiled function.
+
+        ERPO's progress signal ``s = beta (old - ref)`` (``eta > 0``,
+        ``progress_source=old``) is exactly 0 at step 0 only then: float noise
+        of about 1e-7 in ``old - ref`` would be scaled to unit size by the
+        bucket normalization. Everywhere else the update's own detached
+        forward may serve as ``old_logp`` (a KL term compares the update's
+        ``logp`` with ``ref_logp`` anyway).
+        """
+        return self.name == "erpo" and self.eta > 0 and self.progress_source == "old"
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
@@ -368,8 +381,10 @@ class TrainLoopConfig:
       recompute_old_logp: recompute ``old_logp`` with the trainer's forward
         (the same function as the reference's, so ERPO's progress signal is
         exactly 0 at step 0); false uses the sampler's ``logp``. With one
-        update per batch and no reference, the recomputed ``old_logp`` is
-        the update's own forward, detached, and no separate pass runs.
+        update per batch, the recomputed ``old_logp`` is the update's own
+        forward, detached, and no separate pass runs for it, unless ERPO's
+        progress signal needs it from the reference's function
+        (``LossConfig.needs_old_ref_pair``).
       length_buckets: the scoring and update passes run on the step's
         completions cut to the smallest multiple of
         ``ceil(rollout.max_new_tokens / length_buckets)`` columns that holds

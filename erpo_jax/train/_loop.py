@@ -136,19 +136,20 @@ def old_logp_in_update(cfg: RunConfig) -> bool:
 
     True when ``train.recompute_old_logp`` holds, the batch gets exactly one
     optimizer update (``num_iterations = mini_batches = 1``, so the policy
-    being updated is the one that sampled) and the loss needs no reference.
-    The recomputed ``old_logp`` then equals the update's ``logp``, so the
-    separate scoring forward is skipped (as TRL does on-policy). A loss with
-    a reference keeps that forward: ``old_logp`` and ``ref_logp`` then come
-    from one compiled function, which keeps ERPO's progress signal exactly 0
-    at step 0.
+    being updated is the one that sampled) and the loss does not need
+    ``old_logp`` and ``ref_logp`` from one function
+    (:attr:`LossConfig.needs_old_ref_pair`). The recomputed ``old_logp`` then
+    equals the update's ``logp``, so its scoring forward is skipped (as TRL
+    does on-policy); a reference, when the loss has one (KL > 0), still gets
+    its own. ERPO's progress signal keeps the separate ``old_logp`` forward,
+    which holds it exactly 0 at step 0.
     """
     t = cfg.train
     return (
         t.recompute_old_logp
         and t.num_iterations == 1
         and t.mini_batches == 1
-        and not cfg.loss.needs_reference
+        and not cfg.loss.needs_old_ref_pair
     )
 
 

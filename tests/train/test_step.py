@@ -15,6 +15,7 @@ from erpo_jax.train import (
     LOSS_NAMES,
     LossConfig,
     OptimizerConfig,
+    load_config,
     make_loss_fn,
     make_optimizer,
     make_score_fn,
@@ -276,12 +277,13 @@ def test_sharded_micro_split_takes_a_slice_of_every_shard():
     np.testing.assert_array_equal(plain["rows"], rows.reshape(2, 8))
 
 
-@pytest.mark.parametrize("micro", [pytest.param(1, marks=pytest.mark.slow), 2])
-def test_on_policy_update_with_shared_prompts_equals_the_scored_update(micro):
+@pytest.mark.parametrize(("micro", "kl"), [pytest.param(1, 0.0, marks=pytest.mark.slow), (2, 0.04)])
+def test_on_policy_update_with_shared_prompts_equals_the_scored_update(micro, kl):
     """The trainer's fast on-policy path (each group's prompt run once,
-    ``old_logp`` = the update's own detached forward) is the same update as
-    scoring ``old_logp`` first and running every row's prompt; and it reports
-    the sampler-vs-trainer log-prob gap over valid tokens."""
+    ``old_logp`` = the update's own detached forward, a KL reference scored
+    apart) is the same update as scoring ``old_logp`` first and running
+    every row's prompt; and it reports the sampler-vs-trainer log-prob gap
+    over valid tokens."""
     batch = {k: jnp.asarray(v) for k, v in _batch().items()}
     # the trainer's layout: a group's G rows share their prompt
     for key in ("prompt_tokens", "prompt_mask"):
@@ -289,12 +291,19 @@ def test_on_policy_update_with_shared_prompts_equals_the_scored_update(micro):
     results = []
     for fast in (False, True):
         _, trainable, frozen, tx, update, score, _ = _setup(
-            "grpo", micro=micro, sgd=True, group_size=G if fast else 1, old_from_forward=fast
+            "grpo",
+            micro=micro,
+            sgd=True,
+            group_size=G if fast else 1,
+            old_from_forward=fast,
+            kl_coef=kl,
         )
         logp, _ = score(trainable, frozen, batch, True)
         noise = np.random.default_rng(2).normal(scale=0.03, size=logp.shape)
         sampler = logp + jnp.asarray(noise, jnp.float32)
         b = dict(batch, sampler_logp=sampler) if fast else dict(batch, old_logp=logp)
+        if kl:
+            b["ref_logp"] = logp + 0.1  # a KL term with a gradient
         state = {"params": trainable, "opt_state": tx.init(trainable), "step": jnp.int32(0)}
         state, metrics = update(state, frozen, b)
         results.append((metrics, state["params"]))
@@ -312,3 +321,22 @@ def test_on_policy_update_with_shared_prompts_equals_the_scored_update(micro):
     assert float(m1["logp_mismatch_mean"]) == pytest.approx(gap.mean(), rel=1e-3)
     assert float(m1["logp_mismatch_max"]) == pytest.approx(gap.max(), rel=1e-3)
     assert "logp_mismatch_mean" not in m0
+    if kl:
+        assert float(m1["kl"]) == pytest.approx(float(m0["kl"]), rel=1e-5)
+        assert float(m1["kl"]) > 1e-4
+
+
+def test_old_logp_comes_from_the_update_unless_erpo_needs_the_exact_pair():
+    from erpo_jax.train._loop import old_logp_in_update
+
+    def fast(*overrides):
+        return old_logp_in_update(load_config(None, list(overrides)))
+
+    assert fast("loss.name=grpo")
+    assert fast("loss.name=grpo", "loss.kl_coef=0.04")  # the reference is scored apart
+    assert fast("loss.name=erpo", "loss.eta=0")
+    assert fast("loss.name=erpo", "loss.progress_source=current")
+    assert not fast("loss.name=erpo")  # s = beta (old - ref): one function for both
+    assert not fast("loss.name=grpo", "train.num_iterations=2")  # off-policy after the first
+    assert not fast("loss.name=grpo", "train.mini_batches=2")
+    assert not fast("loss.name=grpo", "train.recompute_old_logp=false")
