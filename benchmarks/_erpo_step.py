@@ -19,6 +19,14 @@ import statistics
 import time
 from typing import Any
 
+# Loss names beyond LOSS_NAMES that this benchmark accepts in --loss.
+_LOSS_VARIANTS = {
+    # ERPO with the progress signal from the current policy (METHOD.md's
+    # progress_source=current): old_logp then comes from the update's forward
+    # and only the reference is scored, what the exact default pays for.
+    "erpo_current": {"name": "erpo", "progress_source": "current"},
+}
+
 
 def measure(args: Any, loss_name: str, common: dict[str, Any]) -> dict[str, Any]:
     import jax
@@ -44,7 +52,7 @@ def measure(args: Any, loss_name: str, common: dict[str, Any]) -> dict[str, Any]
     _, _, model = tiny_qwen3_pair()
     p, g, s, t = args.prompts, args.group, args.prompt_len, args.new_tokens
     b = p * g
-    cfg = LossConfig(name=loss_name, kl_coef=0.0)
+    cfg = LossConfig(kl_coef=0.0, **_LOSS_VARIANTS.get(loss_name, {"name": loss_name}))
     graphdef, trainable, frozen = split_policy(model, lora=False)
     # Placed as the trainer places them (one device here): one compilation.
     mesh = make_mesh(MeshConfig())

@@ -76,7 +76,8 @@ def _parse(argv=None):
         "--loss",
         type=lambda s: [x for x in s.split(",") if x],
         default=["grpo", "erpo"],
-        help="comma-separated losses; TRL measures those it has (grpo, dr_grpo, dapo, bnpo)",
+        help="comma-separated losses; TRL measures those it has (grpo, dr_grpo, dapo, bnpo); "
+        "erpo_current is ERPO with loss.progress_source=current",
     )
     p.add_argument(
         "--trl-micro-batch",
