@@ -616,6 +616,9 @@ def _rl_step(run: _Run, state: dict[str, Any], step: int) -> tuple[dict[str, Any
                 functools.partial(high_entropy_mask, top_fraction=cfg.loss.top_fraction)
             )
         batch["token_keep"] = run.keep_fn(batch["entropy"], mask)
+    # Wait for the scoring passes, so score_seconds is their time and not
+    # only their dispatch (the update waits for them anyway).
+    jax.block_until_ready(batch)
     score_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     step_metrics: list[dict[str, Any]] = []
