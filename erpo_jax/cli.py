@@ -220,6 +220,15 @@ def _run_eval(args: argparse.Namespace) -> int:
         raise _UsageError("--no-greedy with --num-samples 0 leaves nothing to evaluate")
     if args.data is None and args.task == "math":
         _eval_problems(args, "")  # raises the missing --data error before any model work
+    from erpo_jax.train import ConfigError
+    from erpo_jax.train._loop import use_compilation_cache
+
+    try:  # before the toy model's build, which compiles too
+        use_compilation_cache(
+            args.compilation_cache_dir or None, name="--compilation-cache-dir", off="''"
+        )
+    except ConfigError as err:
+        raise _UsageError(str(err)) from None
     checkpoint = _eval_checkpoint(args)
     meta: dict[str, Any] = {}
     meta_path = checkpoint / "train_meta.json"
@@ -405,6 +414,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--think", action="store_true", help="open a <think> block in math prompts")
     p.add_argument("--no-greedy", action="store_true", help="skip the greedy completions")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--compilation-cache-dir",
+        default="~/.cache/erpo_jax/xla",
+        help="JAX's persistent compilation cache, as train's compilation_cache_dir "
+        "(an empty string turns it off)",
+    )
     p.set_defaults(fn=_eval)
 
     p = sub.add_parser(

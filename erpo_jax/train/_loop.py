@@ -711,7 +711,9 @@ def _eval_record(summary: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------- main
 
 
-def use_compilation_cache(path: str | None) -> str | None:
+def use_compilation_cache(
+    path: str | None, *, name: str = "config key compilation_cache_dir", off: str = "null"
+) -> str | None:
     """Points JAX's persistent compilation cache at ``path`` (``~`` expanded).
 
     A cache already configured (``JAX_COMPILATION_CACHE_DIR``,
@@ -719,7 +721,8 @@ def use_compilation_cache(path: str | None) -> str | None:
     in use, or ``None``.
 
     Raises:
-      ConfigError: ``path`` cannot be created (names the key).
+      ConfigError: ``path`` cannot be created; the message names the setting
+        as ``name`` and says that ``off`` turns the cache off.
     """
     current = jax.config.values.get("jax_compilation_cache_dir")
     if current or path is None:
@@ -729,8 +732,8 @@ def use_compilation_cache(path: str | None) -> str | None:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(
-            f"config key compilation_cache_dir={path!r}: cannot create the directory ({e}); "
-            "give a writable path, or null to turn the cache off"
+            f"{name}={path!r}: cannot create the directory ({e}); "
+            f"give a writable path, or {off} to turn the cache off"
         ) from e
     jax.config.update("jax_compilation_cache_dir", str(directory))
     return str(directory)

@@ -184,7 +184,8 @@ def test_compilation_cache_dir(tmp_path):
     """The trainer points JAX's persistent cache at compilation_cache_dir (a
     fresh process, as the test session sets its own cache): a program
     compiled there is stored; an unusable path is a ConfigError naming the
-    key; a cache configured before (JAX_COMPILATION_CACHE_DIR) is kept."""
+    key (exit 2 naming the flag for `erpo-jax eval`); a cache configured
+    before (JAX_COMPILATION_CACHE_DIR) is kept."""
     import os
     import subprocess
     import sys
@@ -196,9 +197,15 @@ def test_compilation_cache_dir(tmp_path):
     blocker.write_text("")
     script = textwrap.dedent(
         f"""
+        import contextlib, io
         import jax, jax.numpy as jnp
+        from erpo_jax.cli import main
         from erpo_jax.train import ConfigError
         from erpo_jax.train._loop import use_compilation_cache
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            rc = main(["eval", "--compilation-cache-dir", {str(blocker / "cache")!r}])
+        assert rc == 2 and "--compilation-cache-dir=" in err.getvalue(), err.getvalue()
         try:
             use_compilation_cache({str(blocker / "cache")!r})
         except ConfigError as e:
