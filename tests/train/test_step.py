@@ -204,6 +204,20 @@ def test_completion_width(last_used, budget, buckets, want):
     assert completion_width(mask, budget, buckets) == want
 
 
+def test_completion_width_takes_the_longest_over_all_processes(monkeypatch):
+    """Every process must cut to the same width (the arrays form one global
+    batch): a peer whose longest completion is 40 sets the width here too."""
+    from erpo_jax.sampling import _hosts
+    from erpo_jax.train._loop import completion_width
+
+    mask = np.zeros((2, 48), bool)
+    mask[0, :10] = True
+    monkeypatch.setattr(_hosts, "global_max", lambda v: max(v, 40))
+    assert completion_width(mask, 48, 4) == 48  # 40 -> the next multiple of 12
+    monkeypatch.setattr(_hosts, "global_max", lambda v: max(v, 5))
+    assert completion_width(mask, 48, 4) == 12  # this process's 10 is the longest
+
+
 def test_step_zero_progress_signal_is_exactly_zero():
     """old_logp (recomputed) and ref_logp go through one compiled forward: equal bit for bit."""
     _, trainable, frozen, _, _, score, _ = _setup("erpo")
