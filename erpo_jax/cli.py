@@ -323,6 +323,8 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from erpo_jax.train._config import DEFAULT_COMPILATION_CACHE_DIR
+
     parser = argparse.ArgumentParser(
         prog="erpo-jax", description="ERPO and the GRPO family in pure JAX."
     )
@@ -416,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "--compilation-cache-dir",
-        default="~/.cache/erpo_jax/xla",
+        default=DEFAULT_COMPILATION_CACHE_DIR,
         help="JAX's persistent compilation cache, as train's compilation_cache_dir "
         "(an empty string turns it off)",
     )

@@ -40,6 +40,9 @@ __all__ = [
     "load_config",
 ]
 
+# JAX's persistent compilation cache of `erpo-jax train` and `erpo-jax eval`.
+DEFAULT_COMPILATION_CACHE_DIR = "~/.cache/erpo_jax/xla"
+
 LOSS_NAMES: tuple[str, ...] = (
     "grpo",
     "dr_grpo",
@@ -524,7 +527,7 @@ class RunConfig:
     profile_step: Optional[int] = None  # noqa: UP045
     out: Optional[str] = None  # noqa: UP045
     progress: bool = True
-    compilation_cache_dir: Optional[str] = "~/.cache/erpo_jax/xla"  # noqa: UP045
+    compilation_cache_dir: Optional[str] = DEFAULT_COMPILATION_CACHE_DIR  # noqa: UP045
     model: ModelSpec = dataclasses.field(default_factory=ModelSpec)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
