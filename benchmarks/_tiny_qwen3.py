@@ -95,7 +95,13 @@ def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
 
 
 def transformers_sampler(
-    torch_model: Any, tokens: Any, mask: Any, new_tokens: int, num_return_sequences: int = 1
+    torch_model: Any,
+    tokens: Any,
+    mask: Any,
+    new_tokens: int,
+    num_return_sequences: int = 1,
+    *,
+    with_logits: bool = True,
 ) -> Callable[[], tuple[Any, Any, Any]]:
     """A call of ``generate`` that returns ``(new_tokens, logp, entropy)``, each ``[B, T]``.
 
@@ -103,13 +109,20 @@ def transformers_sampler(
     1, no truncation, no EOS (every row runs to ``new_tokens``); log-probs and
     entropies of the sampling distribution come the usual way,
     ``output_logits=True`` then a log-softmax over the stacked logits, inside
-    the call so they are timed with the generation.
+    the call so they are timed with the generation. ``with_logits=False``
+    times the tokens alone (``logp`` and ``entropy`` are then ``None``). The
+    inputs go to the model's device; on CUDA the call waits for the device.
     """
     import torch
 
-    input_ids = torch.tensor(tokens, dtype=torch.long)
-    attention_mask = torch.tensor(mask, dtype=torch.long)
+    device = next(torch_model.parameters()).device
+    input_ids = torch.tensor(tokens, dtype=torch.long, device=device)
+    attention_mask = torch.tensor(mask, dtype=torch.long, device=device)
     s = input_ids.shape[1]
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     def generate():
         with torch.inference_mode():
@@ -123,16 +136,20 @@ def transformers_sampler(
                 max_new_tokens=new_tokens,
                 min_new_tokens=new_tokens,
                 num_return_sequences=num_return_sequences,
-                output_logits=True,
+                output_logits=with_logits,
                 return_dict_in_generate=True,
                 pad_token_id=0,
                 eos_token_id=None,
             )
+            if not with_logits:
+                sync()
+                return gen.sequences[:, s:], None, None
             logits = torch.stack(gen.logits, dim=1).float()  # [B, T, V]
             logq = torch.log_softmax(logits, dim=-1)
             new = gen.sequences[:, s:]
             logp = logq.gather(-1, new[..., None])[..., 0]
             entropy = -(logq.exp() * logq).sum(-1)
+            sync()
             return new, logp, entropy
 
     return generate

@@ -15,6 +15,18 @@ JSON lines:
   ``6 * N * tokens`` plus causal attention ``6 * L * S^2 * N_heads *
   head_dim`` (forward + backward) over the device's dense bf16 peak.
 
+- ``rollout`` (``--bench rollout``, needs torch): the RL rollout against
+  ``transformers`` ``generate`` on the same device, the same random weights
+  (written by ``save_hf_checkpoint``, read by ``from_pretrained``) and the
+  same rows: ``--peer-prompts`` prompts x ``--group`` completions,
+  ``--peer-prompt-len`` prompt tokens, exactly ``--peer-new-tokens`` new
+  tokens, bfloat16, temperature 1, log-probs and entropies returned.
+  ``transformers`` is timed twice: with ``output_logits=True`` and a
+  log-softmax for the entropies (what a rollout needs), and tokens only (its
+  lower bound). Median of ``--repeats`` calls after a warm-up call. Run it in
+  its own process with ``XLA_PYTHON_CLIENT_MEM_FRACTION`` below 0.5 so that
+  torch has room (``accelerator.sh`` does).
+
 Peaks come from the table below by ``device_kind`` or from
 ``--peak-tflops`` / ``--hbm-gbps``. ``--smoke`` runs tiny shapes anywhere
 (CPU included) to check the script itself.
@@ -52,6 +64,17 @@ def _parse():
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--hbm-gbps", type=float, default=None)
     p.add_argument("--smoke", action="store_true", help="tiny shapes, any backend")
+    p.add_argument(
+        "--bench",
+        choices=("model", "rollout"),
+        default="model",
+        help="model: decode and train_step; rollout: against transformers generate",
+    )
+    p.add_argument("--peer-prompts", type=int, default=8)
+    p.add_argument("--peer-prompt-len", type=int, default=128)
+    p.add_argument("--peer-new-tokens", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--skip-decode", action="store_true", help="model bench: train_step only")
     return p.parse_args()
 
 
@@ -68,7 +91,6 @@ def main() -> None:
     from flax import nnx
 
     from erpo_jax.models import Decoder, ModelConfig
-    from erpo_jax.sampling import sample
     from erpo_jax.train import (
         LossConfig,
         OptimizerConfig,
@@ -89,34 +111,19 @@ def main() -> None:
     common = {"device": kind, "backend": jax.default_backend(),
               "preset": "tiny (smoke)" if args.smoke else args.preset,
               "smoke": args.smoke, "jax": jax.__version__}  # fmt: skip
+    if args.bench == "rollout":
+        _rollout_vs_transformers(config, args, common)
+        return
 
     # ---------------------------------------------------------------- decode
-    model = Decoder(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
-    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    rng = np.random.default_rng(0)
-    b, s, t = args.rows, args.prompt_len, args.new_tokens
-    prompts = np.repeat(rng.integers(0, config.vocab_size, (b // args.group, s)), args.group, 0)
-    mask = np.ones((b, s), bool)
-    kw = dict(max_new_tokens=t, eos_ids=(), group_size=args.group, max_length=s + t)
-    jax.block_until_ready(sample(model, prompts, mask, jax.random.key(0), **kw).tokens)
-    t0 = time.perf_counter()
-    out = sample(model, prompts, mask, jax.random.key(1), **kw)
-    jax.block_until_ready(out.tokens)
-    seconds = time.perf_counter() - t0
-    kv_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * 2  # bf16
-    mean_cache = s + t / 2
-    bytes_per_step = n_params * 2 + b * mean_cache * kv_per_token
-    row = {**common, "bench": "decode", "rows": b, "prompt_len": s, "new_tokens": t,
-           "seconds": seconds, "tokens_per_second": b * t / seconds,
-           "bytes_per_step_gb": bytes_per_step / 1e9}  # fmt: skip
-    if hbm_gbps:
-        row["roofline_frac"] = bytes_per_step * t / seconds / (hbm_gbps * 1e9)
-    print(json.dumps(row), flush=True)
-    del model, out
-
+    if not args.skip_decode:
+        _decode(config, args, common, hbm_gbps)
     # ------------------------------------------------------------ train step
     model = Decoder(config, dtype=jnp.bfloat16, param_dtype=jnp.float32, remat=True,
                     scan_layers=True, rngs=nnx.Rngs(0))  # fmt: skip
+    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    rng = np.random.default_rng(0)
+    s, t = args.prompt_len, args.new_tokens
     graphdef, trainable, frozen = split_policy(model, lora=False)
     cfg = LossConfig(name="grpo", kl_coef=0.0)
     tx, schedule = make_optimizer(OptimizerConfig(learning_rate=1e-6), 10, trainable)
@@ -155,6 +162,124 @@ def main() -> None:
     if peak_tflops:
         row["mfu"] = flops / step / (peak_tflops * 1e12)
     print(json.dumps(row), flush=True)
+
+
+def _decode(config, args, common, hbm_gbps) -> None:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from erpo_jax.models import Decoder
+    from erpo_jax.sampling import sample
+
+    model = Decoder(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    rng = np.random.default_rng(0)
+    b, s, t = args.rows, args.prompt_len, args.new_tokens
+    prompts = np.repeat(rng.integers(0, config.vocab_size, (b // args.group, s)), args.group, 0)
+    mask = np.ones((b, s), bool)
+    kw = dict(max_new_tokens=t, eos_ids=(), group_size=args.group, max_length=s + t)
+    jax.block_until_ready(sample(model, prompts, mask, jax.random.key(0), **kw).tokens)
+    t0 = time.perf_counter()
+    out = sample(model, prompts, mask, jax.random.key(1), **kw)
+    jax.block_until_ready(out.tokens)
+    seconds = time.perf_counter() - t0
+    kv_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * 2  # bf16
+    mean_cache = s + t / 2
+    bytes_per_step = n_params * 2 + b * mean_cache * kv_per_token
+    row = {**common, "bench": "decode", "rows": b, "prompt_len": s, "new_tokens": t,
+           "seconds": seconds, "tokens_per_second": b * t / seconds,
+           "bytes_per_step_gb": bytes_per_step / 1e9}  # fmt: skip
+    if hbm_gbps:
+        row["roofline_frac"] = bytes_per_step * t / seconds / (hbm_gbps * 1e9)
+    print(json.dumps(row), flush=True)
+
+
+def _rollout_vs_transformers(config, args, common) -> None:
+    """erpo_jax ``sample`` against ``transformers`` ``generate``: same weights, rows, device."""
+    import os
+    import statistics
+    import sys
+    import tempfile
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    import transformers
+    from flax import nnx
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _tiny_qwen3 import transformers_sampler
+
+    from erpo_jax.models import Decoder, load_hf_checkpoint, save_hf_checkpoint
+    from erpo_jax.sampling import repeat_for_groups, sample
+
+    torch_device = "cuda" if torch.cuda.is_available() else "cpu"
+    p, g = args.peer_prompts, args.group
+    s, t = args.peer_prompt_len, args.peer_new_tokens
+    if args.smoke:
+        p, s, t = 2, 8, 8
+    with tempfile.TemporaryDirectory() as ckpt:
+        init = Decoder(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+        save_hf_checkpoint(init, config, ckpt)
+        del init
+        model, _ = load_hf_checkpoint(ckpt, dtype=jnp.bfloat16)
+        theirs_model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16)
+    theirs_model = theirs_model.to(torch_device).eval()
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(0, config.vocab_size, (p, s)).astype(np.int32)
+    mask = np.ones_like(prompts, bool)
+    grouped = repeat_for_groups(prompts, mask, jax.random.key(0), group_size=g)
+    row = {**common, "bench": "rollout", "rows": p * g, "group": g, "prompt_len": s,
+           "new_tokens": t, "dtype": "bfloat16", "torch_device": torch_device}  # fmt: skip
+
+    def timed(fn):
+        t0 = time.perf_counter()
+        out = fn()
+        first = time.perf_counter() - t0
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return out, first, statistics.median(times)
+
+    def ours():
+        out = sample(model, grouped.tokens, grouped.mask, grouped.keys, max_new_tokens=t,
+                     temperature=1.0, eos_ids=(), group_size=g)  # fmt: skip
+        return jax.block_until_ready(out)
+
+    out, first, seconds = timed(ours)
+    assert int(out.lengths.min()) == t
+    secs = {"erpo_jax": seconds}
+    print(json.dumps({**row, "impl": "erpo_jax", "seconds": seconds, "compile_s": first - seconds,
+                      "tokens_per_second": p * g * t / seconds,
+                      "mean_entropy": float(np.asarray(out.entropy, np.float32).mean()),
+                      "mean_neg_logp": float(-np.asarray(out.logp, np.float32).mean())}),
+          flush=True)  # fmt: skip
+    for impl, with_logits in (("transformers", True), ("transformers-tokens-only", False)):
+        fn = transformers_sampler(theirs_model, prompts, mask, t, num_return_sequences=g,
+                                  with_logits=with_logits)  # fmt: skip
+        (_, logp, entropy), _, seconds = timed(fn)
+        secs[impl] = seconds
+        extra = {}
+        if with_logits:
+            extra = {"mean_entropy": float(entropy.float().mean()),
+                     "mean_neg_logp": float(-logp.float().mean())}  # fmt: skip
+        print(json.dumps({**row, "impl": impl, "seconds": seconds, "torch": torch.__version__,
+                          "transformers": transformers.__version__,
+                          "attn": theirs_model.config._attn_implementation,
+                          "tokens_per_second": p * g * t / seconds, **extra}),
+              flush=True)  # fmt: skip
+        if torch_device == "cuda":
+            torch.cuda.empty_cache()
+    print(json.dumps({**row, "impl": "ratio",
+                      "speedup_vs_transformers": secs["transformers"] / secs["erpo_jax"],
+                      "speedup_vs_transformers_tokens_only":
+                          secs["transformers-tokens-only"] / secs["erpo_jax"]}),
+          flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,15 +1,35 @@
 #!/usr/bin/env bash
-# One short accelerator check (GPU or TPU): decode tokens/s with its fraction of
-# the HBM roofline, and train-step MFU, for a Qwen3-0.6B-shaped random model in
-# bf16. Installs the project with the matching JAX extra, then prints JSON lines.
+# One short accelerator check (GPU or TPU), printing JSON lines and test results:
+#   1. decode tokens/s with its fraction of the HBM roofline, and train-step
+#      MFU, for a Qwen3-0.6B-shaped random model in bf16 (accelerator.py);
+#   2. on a GPU with torch: the rollout against transformers generate on the
+#      same device, weights and rows (accelerator.py --bench rollout);
+#   3. the accelerator-only tests (pytest -m gpu: cuDNN attention parity).
+# Uses the current python3 when its JAX already sees an accelerator and the
+# project's requirements import; otherwise installs the project with the
+# matching JAX extra into .venv-accel first.
 #   bash benchmarks/accelerator.sh            # auto-detects nvidia-smi (cuda) or TPU
 #   EXTRA=cuda bash benchmarks/accelerator.sh # or EXTRA=tpu
-set -euo pipefail
+# Extra arguments go to accelerator.py (e.g. --rows 128 --new-tokens 256).
+set -uo pipefail
 cd "$(dirname "$0")/.."
-if [ -z "${EXTRA:-}" ]; then
-  if command -v nvidia-smi >/dev/null 2>&1; then EXTRA=cuda; else EXTRA=tpu; fi
+PY=${PYTHON:-python3}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if ! $PY -c "import jax, sys, erpo_jax.train; sys.exit(jax.default_backend() == 'cpu')"; then
+  if [ -z "${EXTRA:-}" ]; then
+    if command -v nvidia-smi >/dev/null 2>&1; then EXTRA=cuda; else EXTRA=tpu; fi
+  fi
+  python3 -m venv .venv-accel && . .venv-accel/bin/activate && pip install -q -e ".[${EXTRA}]" || exit 1
+  PY=python
 fi
-python3 -m venv .venv-accel && . .venv-accel/bin/activate
-pip install -q -e ".[${EXTRA}]"
-python -c "import jax; print(jax.devices())"
-python benchmarks/accelerator.py "$@"
+$PY -c "import jax, flax; print({'jax': jax.__version__, 'flax': flax.__version__, 'devices': [str(d) for d in jax.devices()]})"
+status=0
+$PY benchmarks/accelerator.py "$@" || status=1
+if $PY -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+  # JAX takes 75% of the device memory by default; leave torch room.
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.4 $PY benchmarks/accelerator.py --bench rollout "$@" || status=1
+fi
+# tests/conftest.py pins the CPU unless JAX_PLATFORMS is set; empty means "any".
+JAX_PLATFORMS= $PY -m pytest -m gpu -n 0 -p no:cacheprovider -q tests/models/test_attention_gpu.py \
+  || status=1
+exit $status

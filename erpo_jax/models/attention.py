@@ -14,7 +14,8 @@ one:
 
 A query with no visible key (a padding position) attends uniformly over all
 ``C`` slots; its output is finite and meaningless, as the reference's is.
-Scores, the softmax and its statistics are float32 whatever the input dtype.
+Scores, the softmax and its statistics are float32 whatever the input dtype,
+and float32 inputs get full-precision matmuls (:func:`matmul_precision`).
 
 Implementations:
 
@@ -26,7 +27,11 @@ Implementations:
   memory is ``O(S * block)`` in the forward and the backward. Works on every
   backend.
 - ``cudnn``: ``jax.nn.dot_product_attention(..., implementation="cudnn")``,
-  the fused cuDNN kernel (GPU; float16 or bfloat16 inputs).
+  the fused cuDNN kernel (GPU; float16 or bfloat16 inputs). Its masked
+  kernel refuses odd lengths under ``grad``, so odd query or key lengths are
+  padded by one (a masked key, a dropped query). Outputs at queries with no
+  visible key differ from ``xla``'s (finite; never used). Checked against
+  ``xla`` on an H200 by ``tests/models/test_attention_gpu.py``.
 - ``splash``: the Pallas TPU splash-attention kernel
   (``jax.experimental.pallas.ops.tpu.splash_attention``), forward and
   backward, for self-attention over the new tokens (``S == C``: the
@@ -68,6 +73,17 @@ _NEG = float(jnp.finfo(jnp.float32).min)
 # with no visible key averages over the C real slots exactly as ``xla`` does.
 _MASKED = -1e38
 _PADDED = _NEG
+
+
+def matmul_precision(dtype) -> jax.lax.Precision | None:
+    """``HIGHEST`` for float32 compute, else the backend default.
+
+    float32 means float32: GPUs would otherwise run float32 matmuls in TF32
+    and TPUs in one bfloat16 pass (about 1e-3 relative error), while
+    ``transformers`` (torch keeps TF32 off for matmuls) computes them in full
+    float32. On CPU both settings are the same computation.
+    """
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
 def check_attention_impl(impl: str) -> str:
@@ -163,13 +179,15 @@ def _xla(q, k, v, q_slots, kv_mask):
     # of the keys or values, which for a KV cache would copy the whole cache
     # at every decode step.
     qg = _group(q, kh)
-    scores = jnp.einsum("bkqh,bkch->bkqc", qg, k, preferred_element_type=jnp.float32)
+    prec = matmul_precision(q.dtype)
+    scores = jnp.einsum("bkqh,bkch->bkqc", qg, k, preferred_element_type=jnp.float32,
+                        precision=prec)  # fmt: skip
     scores = scores * (1.0 / math.sqrt(h))
     allowed = _allowed(q_slots, kv_mask, jnp.arange(c))
     allowed = jnp.broadcast_to(allowed[:, None, None], (b, 1, g, s, c)).reshape(b, 1, g * s, c)
     scores = jnp.where(allowed, scores, _NEG)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return _ungroup(jnp.einsum("bkqc,bkch->bkqh", probs, v), s)
+    return _ungroup(jnp.einsum("bkqc,bkch->bkqh", probs, v, precision=prec), s)
 
 
 def _xla_decode_cpu(q, k, v, q_slots, kv_mask):
@@ -223,7 +241,9 @@ def _block_scores(qg, kb, q_slots, mask_b, slots_b, g, scale, c):
     """Masked float32 scores ``[B, K, G*S, c]`` of the grouped queries against one key block."""
     b = qg.shape[0]
     s = q_slots.shape[0]
-    scores = jnp.einsum("bkqh,bkch->bkqc", qg, kb, preferred_element_type=jnp.float32) * scale
+    prec = matmul_precision(qg.dtype)
+    scores = jnp.einsum("bkqh,bkch->bkqc", qg, kb, preferred_element_type=jnp.float32,
+                        precision=prec) * scale  # fmt: skip
     allowed = _allowed(q_slots, mask_b, slots_b)  # [B, S, c]
     allowed = jnp.broadcast_to(allowed[:, None, None], (b, 1, g, s, slots_b.shape[0]))
     allowed = allowed.reshape(b, 1, g * s, -1)
@@ -251,7 +271,8 @@ def _chunked_forward(qg, k, v, q_slots, kv_mask, g, block):
         p = jnp.exp(scores - m_new[..., None])
         denom = denom * correction + jnp.sum(p, axis=-1)
         pv = jnp.einsum("bkqc,bkch->bkqh", p.astype(vb.dtype), vb,
-                        preferred_element_type=jnp.float32)  # fmt: skip
+                        preferred_element_type=jnp.float32,
+                        precision=matmul_precision(vb.dtype))  # fmt: skip
         acc = acc * correction[..., None] + pv
         return (m_new, denom, acc), None
 
@@ -283,17 +304,18 @@ def _chunked_core_bwd(g, block, res, d_out):
     xs, nb = _key_blocks(k, v, kv_mask, block)
     d_out = d_out.astype(jnp.float32)
     delta = jnp.sum(d_out * out, axis=-1)  # [B, K, G*S]
+    prec = matmul_precision(qg.dtype)
 
     def body(dq, x):
         kb, vb, mask_b, slots_b = x
         scores, allowed = _block_scores(qg, kb, q_slots, mask_b, slots_b, g, scale, c)
         p = jnp.exp(scores - m[..., None]) / denom[..., None]  # the forward's, recomputed
-        dv = jnp.einsum("bkqc,bkqh->bkch", p, d_out)
-        dp = jnp.einsum("bkqh,bkch->bkqc", d_out, vb.astype(jnp.float32))
+        dv = jnp.einsum("bkqc,bkqh->bkch", p, d_out, precision=prec)
+        dp = jnp.einsum("bkqh,bkch->bkqc", d_out, vb.astype(jnp.float32), precision=prec)
         # Masked scores are constants (as jnp.where makes them in ``xla``).
         ds = jnp.where(allowed, p * (dp - delta[..., None]) * scale, 0.0)
-        dq = dq + jnp.einsum("bkqc,bkch->bkqh", ds, kb.astype(jnp.float32))
-        dk = jnp.einsum("bkqc,bkqh->bkch", ds, qg.astype(jnp.float32))
+        dq = dq + jnp.einsum("bkqc,bkch->bkqh", ds, kb.astype(jnp.float32), precision=prec)
+        dk = jnp.einsum("bkqc,bkqh->bkch", ds, qg.astype(jnp.float32), precision=prec)
         return dq, (dk, dv)
 
     dq, (dk, dv) = jax.lax.scan(body, jnp.zeros(qg.shape, jnp.float32), xs)
@@ -339,6 +361,15 @@ def _dot_product_attention(q, k, v, q_slots, kv_mask, *, implementation):
     allowed = _allowed(q_slots, kv_mask, jnp.arange(c))[:, None]  # [B, 1, S, C]
     # Queries with no visible key attend uniformly, as in the other paths.
     allowed = allowed | ~jnp.any(allowed, axis=-1, keepdims=True)
+    # cuDNN's fused kernel with a mask (a bias) under grad needs even query and
+    # key lengths: pad one masked key and one query whose output is dropped.
+    ps, pc = s % 2, c % 2
+    if ps or pc:
+        q = jnp.pad(q, ((0, 0), (0, ps), (0, 0), (0, 0)))
+        k = jnp.pad(k, ((0, 0), (0, 0), (0, pc), (0, 0)))
+        v = jnp.pad(v, ((0, 0), (0, 0), (0, pc), (0, 0)))
+        allowed = jnp.pad(allowed, ((0, 0), (0, 0), (0, 0), (0, pc)), constant_values=False)
+        allowed = jnp.pad(allowed, ((0, 0), (0, 0), (0, ps), (0, 0)), constant_values=True)
     out = jax.nn.dot_product_attention(
         q,
         k.transpose(0, 2, 1, 3),
@@ -346,7 +377,7 @@ def _dot_product_attention(q, k, v, q_slots, kv_mask, *, implementation):
         mask=allowed,
         implementation=None if implementation == "jax_nn" else implementation,
     )
-    return out.reshape(q.shape[0], s, -1)
+    return out[:, :s].reshape(q.shape[0], s, -1)
 
 
 # ---------------------------------------------------------------- splash

@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Shaped
 
-from erpo_jax.models.attention import attention, check_attention_impl
+from erpo_jax.models.attention import attention, check_attention_impl, matmul_precision
 from erpo_jax.models.config import ModelConfig
 from erpo_jax.models.kv_cache import KVCache, init_kv_cache
 from erpo_jax.typing import Array, Float, Int
@@ -165,13 +165,15 @@ def _rope(x, cos, sin):
 
 
 def _linear(x, p, name, *, dtype, use_lora, lora_scale):
-    y = jnp.einsum("bsi,io->bso", x, p[name].astype(dtype))
+    prec = matmul_precision(dtype)
+    y = jnp.einsum("bsi,io->bso", x, p[name].astype(dtype), precision=prec)
     if name + "_bias" in p:
         y = y + p[name + "_bias"].astype(dtype)
     if use_lora and name + "_lora_a" in p:
         a = p[name + "_lora_a"].astype(dtype)
         b = p[name + "_lora_b"].astype(dtype)
-        y = y + lora_scale * jnp.einsum("bsr,ro->bso", jnp.einsum("bsi,ir->bsr", x, a), b)
+        xa = jnp.einsum("bsi,ir->bsr", x, a, precision=prec)
+        y = y + lora_scale * jnp.einsum("bsr,ro->bso", xa, b, precision=prec)
     return y
 
 
@@ -343,9 +345,7 @@ class Decoder(nnx.Module):
           but meaningless.
         """
         hidden = self.hidden_states(tokens, mask, positions, use_lora=use_lora)
-        return jnp.einsum(
-            "bsd,dv->bsv", hidden, self.unembedding(), preferred_element_type=jnp.float32
-        )
+        return self._logits(hidden)
 
     def hidden_states(
         self,
@@ -543,7 +543,8 @@ class Decoder(nnx.Module):
 
     def _logits(self, hidden):
         return jnp.einsum("...d,dv->...v", hidden, self.unembedding(),
-                          preferred_element_type=jnp.float32)  # fmt: skip
+                          preferred_element_type=jnp.float32,
+                          precision=matmul_precision(hidden.dtype))  # fmt: skip
 
     def _embed(self, tokens):
         _check_ids(tokens, self.config.vocab_size)

@@ -94,7 +94,9 @@ def merged_layer_arrays(layers: DecoderLayers) -> dict[str, jax.Array]:
             a = arrays[name + "_lora_a"].astype(jnp.float32)
             b = arrays[name + "_lora_b"].astype(jnp.float32)
             w = merged[name]
-            delta = layers.lora_scale * jnp.einsum("lir,lro->lio", a, b)
+            delta = layers.lora_scale * jnp.einsum(
+                "lir,lro->lio", a, b, precision=jax.lax.Precision.HIGHEST
+            )
             merged[name] = (w.astype(jnp.float32) + delta).astype(w.dtype)
     return merged
 

@@ -101,17 +101,33 @@ def test_chunked_in_bfloat16_stays_at_bfloat16_error():
     assert np.abs(chunk16 - exact).max() <= 2 * bf16_error + 1e-3
 
 
-def test_jax_nn_path_matches_on_queries_that_see_keys():
-    """The cudnn wrapper's layout and mask handling, run with jax.nn's own XLA kernel."""
-    q, k, v, q_slots, kv_mask = _inputs(4, 2, 20, 4, 2, 30, 8, offset=10, pads=(0, 12))
+@pytest.mark.parametrize(("s", "c"), [(20, 30), (21, 31)])
+def test_jax_nn_path_matches_on_queries_that_see_keys(s, c):
+    """The cudnn wrapper's layout, mask and odd-length padding, run with jax.nn's XLA kernel.
+
+    Odd lengths are padded to even ones inside (cuDNN's masked kernel needs
+    them under grad); the gradient through the padding equals ``xla``'s.
+    """
+    q, k, v, q_slots, kv_mask = _inputs(4, 2, s, 4, 2, c, 8, offset=10, pads=(0, 12))
     got = A._dot_product_attention(q, k, v, q_slots, kv_mask, implementation="jax_nn")
     want = _numpy_attention(q, k, v, q_slots, kv_mask)
-    sees = (np.arange(30)[None, None] <= np.asarray(q_slots)[None, :, None]) & np.asarray(kv_mask)[
+    sees = (np.arange(c)[None, None] <= np.asarray(q_slots)[None, :, None]) & np.asarray(kv_mask)[
         :, None
     ]
     rows = sees.any(-1)  # [B, S]
     assert not rows.all()  # row 1's first queries see nothing: excluded
+    assert got.shape == want.shape
     np.testing.assert_allclose(np.asarray(got)[rows], want[rows], atol=2e-6, rtol=1e-5)
+    w = jnp.asarray(np.random.default_rng(5).normal(size=want.shape) * rows[..., None])
+
+    def grads(fn):
+        return jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) * w), argnums=(0, 1, 2))(q, k, v)
+
+    ours = grads(lambda q, k, v: A._dot_product_attention(q, k, v, q_slots, kv_mask,
+                                                          implementation="jax_nn"))  # fmt: skip
+    ref = grads(lambda q, k, v: A.attention(q, k, v, q_slots, kv_mask, impl="xla"))
+    for a, b, name in zip(ours, ref, "qkv", strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, err_msg=name)
 
 
 def test_cudnn_off_gpu_and_unknown_impl_are_clear_errors():
@@ -337,3 +353,45 @@ def test_decoder_splash_matches_xla_forward_and_prefill():
     np.testing.assert_allclose(
         np.asarray(_decode(splash, nxt, cs)[0]), np.asarray(_decode(xla, nxt, cx)[0]), atol=2e-5
     )
+
+
+# ---------------------------------------------------------------- precision
+
+
+def _dot_precisions(jaxpr) -> list:
+    """The ``precision`` of every ``dot_general`` in ``jaxpr`` and its sub-jaxprs."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append(eqn.params["precision"])
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, tuple | list) else (value,):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    found += _dot_precisions(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    found += _dot_precisions(sub)
+    return found
+
+
+@pytest.mark.parametrize("impl", ["xla", "chunked"])
+def test_float32_matmuls_ask_for_full_precision_and_bfloat16_ones_do_not(impl):
+    """float32 compute is float32 on every backend (no TF32 on GPU, no 1-pass bf16 on TPU).
+
+    CPU computes both the same way, so the test reads the requested precision
+    from the traced forward and gradient; on a GPU, test_hf_parity's float32
+    tolerance (1e-4) checks the numbers (it failed at 3.6e-4 under TF32).
+    """
+    tokens, mask = _tokens(0, 2, 9)
+    highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+    for dtype, want in ((jnp.float32, highest), (jnp.bfloat16, None)):
+        model = Decoder(_CONFIG, dtype=dtype, attention_impl=impl, attention_block=4,
+                        rngs=nnx.Rngs(0))  # fmt: skip
+        graphdef, params = nnx.split(model)
+
+        def loss(params, graphdef=graphdef):
+            logits = nnx.merge(graphdef, params)(tokens, mask)
+            return jnp.sum(logits[..., :3].astype(jnp.float32))
+
+        precisions = _dot_precisions(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+        assert len(precisions) > 20  # projections, attention, logits, and their transposes
+        assert all(p == want for p in precisions), (dtype, set(precisions))
