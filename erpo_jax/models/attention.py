@@ -58,6 +58,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from erpo_jax.ops import matmul_precision
 from erpo_jax.typing import Array, Bool, Float, Int
 
 __all__ = ["ATTENTION_IMPLS", "attention", "resolve_attention_impl"]
@@ -73,17 +74,6 @@ _NEG = float(jnp.finfo(jnp.float32).min)
 # with no visible key averages over the C real slots exactly as ``xla`` does.
 _MASKED = -1e38
 _PADDED = _NEG
-
-
-def matmul_precision(dtype) -> jax.lax.Precision | None:
-    """``HIGHEST`` for float32 compute, else the backend default.
-
-    float32 means float32: GPUs would otherwise run float32 matmuls in TF32
-    and TPUs in one bfloat16 pass (about 1e-3 relative error), while
-    ``transformers`` (torch keeps TF32 off for matmuls) computes them in full
-    float32. On CPU both settings are the same computation.
-    """
-    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
 def check_attention_impl(impl: str) -> str:

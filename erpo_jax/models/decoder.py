@@ -31,9 +31,10 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Shaped
 
-from erpo_jax.models.attention import attention, check_attention_impl, matmul_precision
+from erpo_jax.models.attention import attention, check_attention_impl
 from erpo_jax.models.config import ModelConfig
 from erpo_jax.models.kv_cache import KVCache, init_kv_cache
+from erpo_jax.ops import matmul_precision
 from erpo_jax.typing import Array, Float, Int
 
 __all__ = [

@@ -14,6 +14,7 @@ from erpo_jax.ops._masked import (
     masked_sum,
     zscore,
 )
+from erpo_jax.ops._precision import matmul_precision
 
 __all__ = [
     "inverse_spread",
@@ -21,6 +22,7 @@ __all__ = [
     "masked_mean",
     "masked_quantile",
     "masked_sum",
+    "matmul_precision",
     "token_logp_and_entropy",
     "zscore",
 ]

@@ -24,6 +24,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from erpo_jax.ops._precision import matmul_precision
 from erpo_jax.typing import Array, ArrayLike, Float, Int
 
 __all__ = ["token_logp_and_entropy"]
@@ -119,7 +120,8 @@ def token_logp_and_entropy(
     inv_temp = 1.0 / jnp.asarray(temperature, jnp.float32)
     tokens = tokens.astype(jnp.int32)
     if chunk_size is None:
-        z = jnp.einsum("btd,dv->btv", hidden, unembed, preferred_element_type=jnp.float32)
+        z = jnp.einsum("btd,dv->btv", hidden, unembed, preferred_element_type=jnp.float32,
+                       precision=matmul_precision(hidden.dtype))  # fmt: skip
         logp, entropy, _ = _stats(z * inv_temp, tokens)
         return logp, entropy
 
@@ -167,7 +169,9 @@ def _stats(z, tokens):
 
 
 def _chunk_logits(h_c, w, inv_temp):
-    return jnp.einsum("...d,dv->...v", h_c, w, preferred_element_type=jnp.float32) * inv_temp
+    prec = matmul_precision(h_c.dtype)
+    z = jnp.einsum("...d,dv->...v", h_c, w, preferred_element_type=jnp.float32, precision=prec)
+    return z * inv_temp
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -204,13 +208,19 @@ def _grad_matmuls(g_raw, h_c, w_f32, slots=1):
     ``d w`` comes back as ``[slots, D, V]``: the chunk's rows ``[B, ...]``
     split into ``slots`` groups, one partial sum each.
     """
-    g_h_c = jnp.einsum("...v,dv->...d", g_raw, w_f32, preferred_element_type=jnp.float32)
+    # float32 models get full precision; for half-precision ones the
+    # backend's float32 default (TF32, one bf16 pass) keeps g_raw's exponent
+    # range, so nothing flushes to zero.
+    prec = matmul_precision(h_c.dtype)
+    g_h_c = jnp.einsum("...v,dv->...d", g_raw, w_f32, preferred_element_type=jnp.float32,
+                       precision=prec)  # fmt: skip
     b = h_c.shape[0]
     g_w = jnp.einsum(
         "kb...d,kb...v->kdv",
         h_c.astype(jnp.float32).reshape(slots, b // slots, *h_c.shape[1:]),
         g_raw.reshape(slots, b // slots, *g_raw.shape[1:]),
         preferred_element_type=jnp.float32,
+        precision=prec,
     )
     return g_h_c, g_w
 

@@ -395,3 +395,27 @@ def test_float32_matmuls_ask_for_full_precision_and_bfloat16_ones_do_not(impl):
         precisions = _dot_precisions(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
         assert len(precisions) > 20  # projections, attention, logits, and their transposes
         assert all(p == want for p in precisions), (dtype, set(precisions))
+
+
+@pytest.mark.parametrize("vocab_chunk_size", [None, 32])
+def test_float32_head_matmuls_ask_for_full_precision(vocab_chunk_size):
+    """The chunked log-prob/entropy head, forward and custom backward, by hidden dtype."""
+    from erpo_jax.ops import token_logp_and_entropy
+
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(0, 97, (2, 6)), jnp.int32)
+    highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+    for dtype, want in ((jnp.float32, highest), (jnp.bfloat16, None)):
+        hidden = jnp.asarray(rng.normal(size=(2, 6, 16)), dtype)
+        unembed = jnp.asarray(rng.normal(size=(16, 97)), dtype)
+
+        def loss(hidden, unembed):
+            logp, entropy = token_logp_and_entropy(
+                hidden, unembed, tokens, chunk_size=4, vocab_chunk_size=vocab_chunk_size
+            )
+            return jnp.sum(logp) + jnp.sum(entropy)
+
+        jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(hidden, unembed)
+        precisions = _dot_precisions(jaxpr.jaxpr)
+        assert len(precisions) >= 3  # logits, and both gradient matmuls
+        assert all(p == want for p in precisions), (dtype, set(precisions))
