@@ -323,7 +323,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from erpo_jax.train._config import DEFAULT_COMPILATION_CACHE_DIR
+    from erpo_jax._defaults import DEFAULT_COMPILATION_CACHE_DIR
 
     parser = argparse.ArgumentParser(
         prog="erpo-jax", description="ERPO and the GRPO family in pure JAX."

@@ -19,6 +19,7 @@ import difflib
 import os
 from typing import Any, Optional
 
+from erpo_jax._defaults import DEFAULT_COMPILATION_CACHE_DIR
 from erpo_jax.models.attention import ATTENTION_IMPLS
 from erpo_jax.models.decoder import COMPUTE_DTYPES
 
@@ -40,8 +41,6 @@ __all__ = [
     "load_config",
 ]
 
-# JAX's persistent compilation cache of `erpo-jax train` and `erpo-jax eval`.
-DEFAULT_COMPILATION_CACHE_DIR = "~/.cache/erpo_jax/xla"
 
 LOSS_NAMES: tuple[str, ...] = (
     "grpo",

@@ -227,3 +227,22 @@ def test_compilation_cache_dir(tmp_path):
     )
     assert out.returncode == 0 and out.stdout.strip() == "OK", out.stderr[-3000:]
     assert any((tmp_path / "cache").iterdir())  # the compiled program was stored
+
+
+def test_cli_parser_does_not_load_the_trainer():
+    """`erpo-jax --help` and argument errors stay instant: building the parser
+    (which shows the compilation-cache default) imports neither the trainer
+    (orbax, optax) nor JAX. A fresh process, since this one has both loaded."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from erpo_jax.cli import build_parser\n"
+        "p = build_parser()\n"
+        "ns = p.parse_args(['eval'])\n"
+        "print(ns.compilation_cache_dir)\n"
+        "print(sorted(m for m in ('erpo_jax.train', 'jax', 'orbax') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[:2] == [RunConfig().compilation_cache_dir, "[]"], out.stdout
