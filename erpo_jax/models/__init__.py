@@ -5,7 +5,8 @@ One :class:`Decoder` covers all families; they differ by
 ``(model, config)`` with ``model(tokens, mask) -> logits``;
 ``model.hidden_states`` and ``model.unembedding()`` feed
 ``erpo_jax.ops.token_logp_and_entropy``; ``model.prefill`` /
-``model.decode_step`` drive a sampler on a fixed-size :class:`KVCache`.
+``model.decode_step`` drive a sampler on a fixed-size :class:`KVCache`
+(with ``model.decode_consts``, made once outside the decode loop).
 """
 
 from erpo_jax.models.checkpoint import (
@@ -16,7 +17,7 @@ from erpo_jax.models.checkpoint import (
     save_hf_checkpoint,
 )
 from erpo_jax.models.config import PRESETS, SUPPORTED_MODEL_TYPES, ModelConfig, RopeScaling
-from erpo_jax.models.decoder import COMPUTE_DTYPES, Decoder, positions_from_mask
+from erpo_jax.models.decoder import COMPUTE_DTYPES, DecodeConsts, Decoder, positions_from_mask
 from erpo_jax.models.eos import END_OF_TURN_TOKENS, resolve_eos_ids
 from erpo_jax.models.kv_cache import KVCache, init_kv_cache
 from erpo_jax.models.lora import LORA_TARGETS, add_lora, merge_lora
@@ -28,6 +29,7 @@ __all__ = [
     "LORA_TARGETS",
     "PRESETS",
     "SUPPORTED_MODEL_TYPES",
+    "DecodeConsts",
     "Decoder",
     "KVCache",
     "ModelConfig",

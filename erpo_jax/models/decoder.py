@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -128,6 +128,25 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
     smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
     medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def _rope_angles(config: ModelConfig, positions: Int[Array, "..."]) -> tuple[Array, Array]:
+    """``(cos, sin)`` of the RoPE angles at ``positions``, each ``[..., H/2]`` float32."""
+    angles = positions[..., None].astype(jnp.float32) * jnp.asarray(rope_inv_freq(config))
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+class DecodeConsts(NamedTuple):
+    """Per-call constants of a decode loop (:meth:`Decoder.decode_consts`).
+
+    Attributes:
+      layers: one dict of parameters (LoRA included) per block, by name.
+      cos, sin: ``[C, H/2]`` float32 RoPE tables for positions ``0 .. C - 1``.
+    """
+
+    layers: tuple[dict[str, jax.Array], ...]
+    cos: Float[Array, "C H2"]
+    sin: Float[Array, "C H2"]
 
 
 def positions_from_mask(mask: Shaped[Array, "B S"]) -> Int[Array, "B S"]:
@@ -460,6 +479,7 @@ class Decoder(nnx.Module):
         *,
         use_lora: bool = True,
         fresh: bool = False,
+        consts: DecodeConsts | None = None,
     ) -> tuple[Float[Array, "B S D"], KVCache]:
         """Runs ``S`` new tokens against the cache and appends them to it.
 
@@ -477,6 +497,12 @@ class Decoder(nnx.Module):
           fresh: the cache is empty (``index == 0``; a prefill). The new
             tokens then attend only to each other, ``[S, S]`` scores instead
             of ``[S, C]`` against the empty future slots.
+          consts: this model's :meth:`decode_consts` for this cache, made
+            once by the caller outside its decode loop, or None to derive
+            them here. XLA does not hoist them out of a ``while_loop``:
+            derived inside, every step copies each layer's weights out of
+            the stacked arrays and recomputes the RoPE sines and cosines
+            per use.
 
         Returns:
           ``(hidden [B, S, D], cache)``: final hidden states of the new tokens
@@ -492,6 +518,11 @@ class Decoder(nnx.Module):
         mask = mask.astype(bool)
         positions = cache.positions[:, None] + positions_from_mask(mask)
         positions = jnp.where(mask, positions, 0)
+        if consts is not None and consts.cos.shape[0] != cache.max_length:
+            raise ValueError(
+                f"extend: consts are for a cache of {consts.cos.shape[0]} slots, the cache has "
+                f"{cache.max_length}; make them with decode_consts(max_length={cache.max_length})"
+            )
         slot_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, cache.index))
         if fresh:
             visible = (jnp.arange(s, dtype=jnp.int32), mask)
@@ -499,7 +530,13 @@ class Decoder(nnx.Module):
             visible = (cache.index + jnp.arange(s, dtype=jnp.int32), slot_mask)
         x = self._embed(tokens)
         x, (k, v) = self._run_layers(
-            x, positions, visible, (cache.k, cache.v, cache.index), use_lora=use_lora, fresh=fresh
+            x,
+            positions,
+            visible,
+            (cache.k, cache.v, cache.index),
+            use_lora=use_lora,
+            fresh=fresh,
+            consts=consts,
         )
         hidden = _rms_norm(x, self.final_norm[...], self.config.rms_norm_eps, self.dtype)
         new_cache = KVCache(
@@ -532,13 +569,39 @@ class Decoder(nnx.Module):
         return self._logits(hidden[:, -1]), cache
 
     def decode_step(
-        self, tokens: Int[Array, " B"], cache: KVCache, *, use_lora: bool = True
+        self,
+        tokens: Int[Array, " B"],
+        cache: KVCache,
+        *,
+        use_lora: bool = True,
+        consts: DecodeConsts | None = None,
     ) -> tuple[Float[Array, "B V"], KVCache]:
-        """Appends one token per row; returns ``(next-token logits [B, V] float32, cache)``."""
+        """Appends one token per row; returns ``(next-token logits [B, V] float32, cache)``.
+
+        ``consts``: see :meth:`extend`; a decode loop makes them once, outside
+        the loop, with :meth:`decode_consts`.
+        """
         hidden, cache = self.extend(
-            tokens[:, None], jnp.ones((tokens.shape[0], 1), bool), cache, use_lora=use_lora
+            tokens[:, None],
+            jnp.ones((tokens.shape[0], 1), bool),
+            cache,
+            use_lora=use_lora,
+            consts=consts,
         )
         return self._logits(hidden[:, 0]), cache
+
+    def decode_consts(self, max_length: int) -> DecodeConsts:
+        """What every decode step against a ``max_length``-slot cache reuses:
+        each block's parameters sliced out of the stacked arrays, and the RoPE
+        table of positions ``0 .. max_length - 1`` (a row's position never
+        reaches its cache length). Make them once, outside a decode loop, and
+        pass them to :meth:`decode_step` / :meth:`extend`."""
+        stacked = self.layers.arrays()
+        layers = tuple(
+            {name: a[i] for name, a in stacked.items()} for i in range(self.config.num_layers)
+        )
+        cos, sin = _rope_angles(self.config, jnp.arange(max_length, dtype=jnp.int32))
+        return DecodeConsts(layers=layers, cos=cos, sin=sin)
 
     # ---------------------------------------------------------------- helpers
 
@@ -553,9 +616,8 @@ class Decoder(nnx.Module):
 
     def _rope_tables(self, positions):
         """``(cos, sin)``, each ``[B, S, 1, H/2]`` float32, for RoPE at ``positions [B, S]``."""
-        inv_freq = jnp.asarray(rope_inv_freq(self.config))
-        angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, S, H/2]
-        return jnp.cos(angles)[:, :, None], jnp.sin(angles)[:, :, None]
+        cos, sin = _rope_angles(self.config, positions)
+        return cos[:, :, None], sin[:, :, None]
 
     def _pins(self, sharding, rows):
         """``(pin, unpin)`` for a residual stream of ``rows`` rows under ``sharding``.
@@ -599,14 +661,21 @@ class Decoder(nnx.Module):
             gather=gather,
         )
 
-    def _run_layers(self, x, positions, visible, cache, *, use_lora, fresh=False):
+    def _run_layers(self, x, positions, visible, cache, *, use_lora, fresh=False, consts=None):
         """All blocks; ``cache`` is None or ``(k, v, index)`` with per-layer tuples ``k``, ``v``.
 
         ``fresh``: attend to the new keys only (the cache is empty before them).
+        ``consts``: :meth:`decode_consts` for the cache, or None.
 
         Returns ``(x, (k, v))`` with the updated per-layer cache tuples (or ``(x, None)``).
         """
-        cos, sin = self._rope_tables(positions)
+        if consts is None:
+            cos, sin = self._rope_tables(positions)
+            layers = None
+        else:  # table lookups: no sines or cosines in the loop
+            cos = jnp.take(consts.cos, positions, axis=0, mode="clip")[:, :, None]
+            sin = jnp.take(consts.sin, positions, axis=0, mode="clip")[:, :, None]
+            layers = consts.layers
         params = self.layers.arrays()
         sharding = self.residual_sharding if cache is None else None
         pin, unpin = self._pins(sharding, x.shape[0])
@@ -642,7 +711,7 @@ class Decoder(nnx.Module):
         # and split the per-layer caches (a full copy) at every decode step.
         new_k, new_v = [], []
         for i in range(num_layers):
-            p = jax.tree.map(lambda a, i=i: a[i], params)
+            p = layers[i] if layers is not None else jax.tree.map(lambda a, i=i: a[i], params)
             ck, cv = (None, None) if cache is None else (cache[0][i], cache[1][i])
             x, ck, cv = layer(p, x, ck, cv)
             x = pin(x)

@@ -283,12 +283,18 @@ def _decode(graphdef, params, state: _LoopState, keys, stop_at, dyn: _Dynamic, *
     they stay outside the donated loop state so a caller's key array is never donated.
     """
     model = nnx.merge(graphdef, params)
+    # Made once, outside the loop: inside it XLA would copy every layer's
+    # weights out of the stacked arrays and recompute RoPE's sines and
+    # cosines per use, at every step.
+    consts = model.decode_consts(state.cache.max_length)
 
     def cond(st: _LoopState):
         return (st.step < stop_at) & ~jnp.all(st.done)
 
     def body(st: _LoopState):
-        logits, cache = model.decode_step(st.prev, st.cache, use_lora=static.use_lora)
+        logits, cache = model.decode_step(
+            st.prev, st.cache, use_lora=static.use_lora, consts=consts
+        )
         stats = _draw(logits, keys, st.step, static, dyn)
         st = st._replace(cache=cache)
         return _constrain(

@@ -127,3 +127,42 @@ def test_prefill_rejects_a_prompt_longer_than_the_cache():
     prompt, mask, _ = _batch()
     with pytest.raises(ValueError, match="max_length"):
         model.prefill(jnp.asarray(prompt), jnp.asarray(mask), max_length=3)
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_decode_with_hoisted_consts_equals_decode_without(family):
+    """``decode_consts`` made outside the loop change where work happens, not the result."""
+    model = _model(family)
+    prompt, mask, completion = _batch(seed=3)
+    s, n = prompt.shape[1], completion.shape[1]
+    graphdef, state = nnx.split(model)
+
+    @functools.partial(jax.jit, static_argnums=1)
+    def run(state, hoist):
+        m = nnx.merge(graphdef, state)
+        _, cache = m.prefill(prompt, mask, max_length=s + n)
+        consts = m.decode_consts(s + n) if hoist else None
+
+        def body(i, carry):
+            cache, out = carry
+            logits, cache = m.decode_step(jnp.asarray(completion)[:, i], cache, consts=consts)
+            return cache, out.at[:, i].set(logits)
+
+        out = jnp.zeros((prompt.shape[0], n, m.config.vocab_size), jnp.float32)
+        return jax.lax.fori_loop(0, n, body, (cache, out))[1]
+
+    hoisted, plain = np.asarray(run(state, True)), np.asarray(run(state, False))
+    np.testing.assert_allclose(hoisted, plain, atol=1e-6, rtol=1e-6)
+    tokens = np.concatenate([prompt, completion], axis=1)
+    full_mask = np.concatenate([mask, np.ones_like(completion, bool)], axis=1)
+    full = np.asarray(_forward(model, jnp.asarray(tokens), jnp.asarray(full_mask)))
+    # decode step i consumes completion[:, i], so it predicts position s + i
+    np.testing.assert_allclose(hoisted[:, :-1], full[:, s : s + n - 1], atol=1e-5, rtol=1e-5)
+
+
+def test_decode_consts_for_another_cache_length_is_an_error():
+    model = _model("qwen3")
+    prompt, mask, completion = _batch()
+    _, cache = _prefill(model, jnp.asarray(prompt), jnp.asarray(mask), 16)
+    with pytest.raises(ValueError, match=r"decode_consts\(max_length=16\)"):
+        model.decode_step(jnp.asarray(completion[:, 0]), cache, consts=model.decode_consts(12))
