@@ -477,6 +477,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="with tensor > 1, split the update's residual stream along the sequence over the "
         "tensor axis, as the trainer does by default (model.sequence_parallel)",
     )
+    p.add_argument(
+        "--attention-impl",
+        default="auto",
+        help="model.attention_impl to plan with: auto, xla or chunked (the plan compiles on "
+        "simulated CPU devices, where auto means chunked; xla shows the materialized-scores "
+        "path; cudnn and splash need their devices and plan as chunked does)",
+    )
     p.set_defaults(fn=_plan)
     return parser
 

@@ -129,6 +129,12 @@ class _Request:
     remat: bool
     logp_chunk_size: int | None = None
     sequence_parallel: bool = True
+    attention_impl: str = "auto"
+
+
+# What --attention-impl accepts: the implementations that compile on the
+# simulated CPU devices the plan runs on (cudnn and splash need their own).
+PLAN_ATTENTION_IMPLS = ("auto", "xla", "chunked")
 
 
 def _positive(flag: str, value: Any) -> int:
@@ -190,6 +196,21 @@ def _request(args: argparse.Namespace) -> _Request:
             else _positive("--logp-chunk-size", args.logp_chunk_size)
         ),
         sequence_parallel=bool(getattr(args, "sequence_parallel", True)),
+        attention_impl=_attention_impl(getattr(args, "attention_impl", "auto")),
+    )
+
+
+def _attention_impl(value: Any) -> str:
+    if value in PLAN_ATTENTION_IMPLS:
+        return value
+    hint = (
+        " (it runs only on its own devices; the plan compiles on simulated CPU devices: use "
+        "chunked, which has the same O(S * block) memory)"
+        if value in ("cudnn", "splash")
+        else ""
+    )
+    raise PlanError(
+        f"--attention-impl {value!r}: choose one of {', '.join(PLAN_ATTENTION_IMPLS)}{hint}"
     )
 
 
@@ -269,6 +290,7 @@ def plan_memory(
     micro_batches: int = 1,
     remat: bool = False,
     logp_chunk_size: int | None = None,
+    attention_impl: str = "auto",
     sequence_parallel: bool = True,
     compile_update: bool = True,
     compile_sampler: bool = True,
@@ -294,6 +316,8 @@ def plan_memory(
       remat: recompute block activations in the backward pass.
       logp_chunk_size: the update's log-prob head in chunks of about this many
         tokens (``model.logp_chunk_size``; None: all logits at once).
+      attention_impl: ``model.attention_impl`` (``auto``, ``xla`` or
+        ``chunked``); ``auto`` resolves on this process's backend.
       sequence_parallel: split the training forward's residual stream over
         the tensor axis (``model.sequence_parallel``; no-op when tensor is 1).
       compile_update: compile the update step (else its activations are 0).
@@ -349,7 +373,8 @@ def plan_memory(
         # Layers scanned: one compiled block, so a 28-36 layer model compiles
         # as fast as a 2-layer one (the cached sampler path unrolls anyway).
         model = Decoder(config, dtype=compute, param_dtype=jnp.float32, scan_layers=True,
-                        remat=remat, residual_sharding=residual, rngs=nnx.Rngs(0))  # fmt: skip
+                        remat=remat, residual_sharding=residual, attention_impl=attention_impl,
+                        rngs=nnx.Rngs(0))  # fmt: skip
         if lora:
             add_lora(model, rank=lora_rank, alpha=lora_alpha, rngs=nnx.Rngs(1))
         return model
@@ -505,6 +530,7 @@ def plan_memory(
         "lora_rank": lora_rank,
         "micro_batches": micro_batches,
         "remat": remat,
+        "attention_impl": attention_impl,
         "sequence_parallel": sequence_parallel and tensor > 1,
         "needs_reference": loss_cfg.needs_reference,
         "update_compiled": compile_update,
@@ -616,7 +642,8 @@ def format_plan(plan: dict[str, Any], model_name: str, device_gib: float | None)
         f"prompt {plan['prompt_len']} (bucket {plan['prompt_bucket']}) + "
         f"{plan['new_tokens']} new tokens",
         f"  loss {plan['loss']}; compute {plan['dtype']}, parameters float32; {tuning}; "
-        f"remat {'on' if plan['remat'] else 'off'}; micro-batches {plan['micro_batches']}",
+        f"remat {'on' if plan['remat'] else 'off'}; micro-batches {plan['micro_batches']}; "
+        f"attention {plan.get('attention_impl', 'auto')}",
         "",
         f"  {'per device':<46}{'GiB':>9}",
     ]
@@ -710,7 +737,7 @@ def _run(req: _Request) -> int:
             config, req.mesh, req.batch, req.prompt_len, req.new_tokens, loss=req.loss,
             dtype=req.dtype, lora_rank=req.lora_rank, micro_batches=req.micro_batches,
             remat=req.remat, logp_chunk_size=req.logp_chunk_size,
-            sequence_parallel=req.sequence_parallel,
+            sequence_parallel=req.sequence_parallel, attention_impl=req.attention_impl,
             log=lambda msg: print(msg, file=sys.stderr, flush=True),
         )  # fmt: skip
     except PlanError as err:

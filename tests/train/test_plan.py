@@ -92,6 +92,8 @@ def test_kv_cache_formula():
         (["--new-tokens", "0"], "--new-tokens"),
         (["--device-gib", "-1"], "--device-gib"),
         (["--logp-chunk-size", "0"], "--logp-chunk-size"),
+        (["--attention-impl", "flash"], "--attention-impl"),
+        (["--attention-impl", "cudnn"], "--attention-impl"),
     ],
 )
 def test_bad_arguments_exit_2_naming_the_flag(argv, flag, capsys):
@@ -156,6 +158,22 @@ def test_chunked_head_lowers_the_update_temporaries():
     assert chunked["activations_gib"] < 0.5 * whole["activations_gib"]
     assert chunked["head_logits_gib"] * GIB == 64 * 4096 * 4  # one chunk's float32 logits
     assert whole["head_logits_gib"] * GIB == 16 * 64 * 4096 * 4
+
+
+def test_attention_impl_plans_the_materialized_scores_or_not():
+    """--attention-impl xla plans the update with every layer's [rows, heads, L, L] float32
+    scores (and their softmax gradient) materialized; chunked keeps them O(L * block)."""
+    import dataclasses
+
+    c = dataclasses.replace(tiny_config(), max_position_embeddings=1024)
+    kw = dict(loss="grpo", dtype="float32", compile_sampler=False, logp_chunk_size=64)
+    xla = plan_memory(c, (1, 1, 1), 8, 8, 504, attention_impl="xla", **kw)
+    chunked = plan_memory(c, (1, 1, 1), 8, 8, 504, attention_impl="chunked", **kw)
+    assert (xla["attention_impl"], chunked["attention_impl"]) == ("xla", "chunked")
+    # One layer's scores: 8 rows x heads x 512^2 float32.
+    scores = 8 * c.num_heads * 512 * 512 * 4
+    assert xla["activations_gib"] * GIB > chunked["activations_gib"] * GIB + scores
+    assert "attention xla" in plan_report(xla, "tiny", None)[0]
 
 
 def test_lora_counts_adapters_as_trainable():
