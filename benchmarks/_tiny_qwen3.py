@@ -41,13 +41,22 @@ def workload_parser(description: str, *, batch: int | None = None) -> argparse.A
 
 
 def pin_xla_threads(threads: int) -> None:
-    """Fix XLA's thread count (CPU platform); call before jax is imported."""
+    """Fix XLA's thread count (CPU platform); call before jax is imported.
+
+    XLA:CPU has no flag for its thread-pool size: it sizes the pool by the
+    CPUs this process may run on. So with fewer ``threads`` than available
+    CPUs the process is pinned to the first ``threads`` of them (Linux
+    ``sched_setaffinity``; elsewhere only Eigen's multithreading follows).
+    """
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "")
         + f" --xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'}"
-        + f" intra_op_parallelism_threads={threads}"
     )
+    if hasattr(os, "sched_setaffinity"):
+        cpus = sorted(os.sched_getaffinity(0))
+        if 0 < threads < len(cpus):
+            os.sched_setaffinity(0, cpus[:threads])
 
 
 def pin_threads(threads: int) -> None:
