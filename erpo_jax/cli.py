@@ -480,9 +480,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--attention-impl",
         default="auto",
-        help="model.attention_impl to plan with: auto, xla or chunked (the plan compiles on "
-        "simulated CPU devices, where auto means chunked; xla shows the materialized-scores "
-        "path; cudnn and splash need their devices and plan as chunked does)",
+        help="model.attention_impl to plan with: auto (what auto picks on a GPU or TPU by "
+        "length: chunked from 2**20 query-key pairs, xla below), xla (materialized scores) or "
+        "chunked (memory linear in length). cudnn and splash need their own devices and are "
+        "refused; chunked needs about the memory they do",
     )
     p.set_defaults(fn=_plan)
     return parser

@@ -186,17 +186,20 @@ def _rope(x, cos, sin):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _project(x, w, precision):
-    """``x [..., in] @ w [in, out]``; its weight gradient transposes the narrower operand.
+    """``x [..., in] @ w [in, out]``, whose weight gradient takes the narrower operand first.
 
-    The weight gradient contracts over every token: ``x^T dy``. Autodiff emits
-    it as ``dot(dy, x)`` with the token axes major in both, and XLA:CPU then
-    copies ``dy`` into a transposed layout: for the MLP's gate and up
-    projections that is the ``[tokens, intermediate]`` gradient, the widest
-    array of the backward pass (about a sixth of a tiny Qwen3 update was
-    these copies, measured on the 2-core Xeon). Here the operand with fewer
-    features is the one laid out for the contraction, and the small
-    ``[in, out]`` result is transposed instead. Same math; the backward is
-    otherwise autodiff's.
+    The weight gradient contracts over every token: ``x^T dy``. Autodiff
+    always emits it as ``dot(dy, x)`` (then transposes the ``[out, in]``
+    result), and XLA:CPU lays the left operand out again for that
+    contraction: for the MLP's gate and up projections that copies the
+    ``[tokens, intermediate]`` gradient, the widest array of the backward
+    pass (about a sixth of a tiny-Qwen3 update, measured on the 2-core
+    Xeon). Here, when ``x`` has fewer features than ``dy``, the gradient is
+    ``dot(x, dy)``, ``[in, out]`` directly; otherwise it is autodiff's. The
+    input gradient is autodiff's too.
+
+    A ``jax.custom_vjp``: reverse mode only, so ``jax.jvp`` / ``jacfwd``
+    through the decoder are not supported (nothing here uses them).
     """
     return jnp.einsum("...i,io->...o", x, w, precision=precision)
 
@@ -207,7 +210,7 @@ def _project_fwd(x, w, precision):
 
 def _project_bwd(precision, res, dy):
     x, w = res
-    dx = jnp.einsum("...o,io->...i", dy, w, precision=precision)
+    dx = jnp.einsum("...o,io->...i", dy, w, precision=precision).astype(x.dtype)
     tokens = tuple(range(x.ndim - 1))
     contract = ((tokens, tokens), ((), ()))
     if x.shape[-1] <= dy.shape[-1]:
@@ -317,7 +320,8 @@ class Decoder(nnx.Module):
         softmax, ``O(S * attention_block)`` memory forward and backward),
         ``"cudnn"`` (GPU), ``"splash"`` (the Pallas TPU kernel) or
         ``"auto"`` (picks by backend and length).
-      attention_block: keys per block of the chunked implementation.
+      attention_block: at most this many keys per block of the chunked
+        implementation (the keys split into equal blocks).
       attention_mesh: the ``jax.sharding.Mesh`` activations are sharded over
         (the trainer's), or None; the ``splash`` kernel runs per device under
         ``shard_map`` on it (the other implementations need no mesh). Not a

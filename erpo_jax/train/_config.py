@@ -94,7 +94,7 @@ class ModelSpec:
       attention_impl: ``auto``, ``xla``, ``chunked`` (blockwise, memory linear
         in length), ``cudnn`` (GPU) or ``splash`` (the Pallas TPU kernel); see
         ``erpo_jax.models.attention``.
-      attention_block: keys per block of the chunked attention.
+      attention_block: at most this many keys per block of the chunked attention.
       sequence_parallel: when ``mesh.tensor > 1``, split the training
         forward's residual stream along the sequence over the tensor axis
         (``Decoder(residual_sharding=...)``), so the block inputs that remat

@@ -200,6 +200,25 @@ def _request(args: argparse.Namespace) -> _Request:
     )
 
 
+def _planned_attention(impl: str, prompt_bucket: int, new_tokens: int) -> str:
+    """The implementation a plan compiles for ``impl``.
+
+    ``auto`` resolves by backend (``erpo_jax.models.attention``): on the
+    simulated CPU devices of a plan it would always be ``chunked``, which
+    understates a TPU or float32 GPU run, where short sequences get ``xla``.
+    So ``auto`` plans the accelerators' length rule: ``chunked`` from
+    ``2**20`` (query, key) pairs per row and head, ``xla`` below (a bf16 GPU
+    run's ``cudnn`` needs about what ``chunked`` does, so short plans are
+    conservative there).
+    """
+    if impl != "auto":
+        return impl
+    from erpo_jax.models.attention import _AUTO_CHUNK_PAIRS
+
+    length = prompt_bucket + new_tokens
+    return "chunked" if length * length >= _AUTO_CHUNK_PAIRS else "xla"
+
+
 def _attention_impl(value: Any) -> str:
     if value in PLAN_ATTENTION_IMPLS:
         return value
@@ -317,7 +336,9 @@ def plan_memory(
       logp_chunk_size: the update's log-prob head in chunks of about this many
         tokens (``model.logp_chunk_size``; None: all logits at once).
       attention_impl: ``model.attention_impl`` (``auto``, ``xla`` or
-        ``chunked``); ``auto`` resolves on this process's backend.
+        ``chunked``). ``auto`` plans what it picks on a GPU or TPU by
+        length (:func:`_planned_attention`), not what it picks on the CPU
+        devices the plan compiles on.
       sequence_parallel: split the training forward's residual stream over
         the tensor axis (``model.sequence_parallel``; no-op when tensor is 1).
       compile_update: compile the update step (else its activations are 0).
@@ -368,13 +389,15 @@ def plan_memory(
     lora = lora_rank > 0
     loss_cfg = LossConfig(name=loss)
     residual = residual_sharding(mesh) if sequence_parallel else None
+    planned_attention = _planned_attention(attention_impl, _sampler.bucket_length(prompt_len),
+                                           new_tokens)  # fmt: skip
 
     def build() -> Decoder:
         # Layers scanned: one compiled block, so a 28-36 layer model compiles
         # as fast as a 2-layer one (the cached sampler path unrolls anyway).
         model = Decoder(config, dtype=compute, param_dtype=jnp.float32, scan_layers=True,
-                        remat=remat, residual_sharding=residual, attention_impl=attention_impl,
-                        rngs=nnx.Rngs(0))  # fmt: skip
+                        remat=remat, residual_sharding=residual,
+                        attention_impl=planned_attention, rngs=nnx.Rngs(0))  # fmt: skip
         if lora:
             add_lora(model, rank=lora_rank, alpha=lora_alpha, rngs=nnx.Rngs(1))
         return model
@@ -531,6 +554,7 @@ def plan_memory(
         "micro_batches": micro_batches,
         "remat": remat,
         "attention_impl": attention_impl,
+        "attention_planned": planned_attention,
         "sequence_parallel": sequence_parallel and tensor > 1,
         "needs_reference": loss_cfg.needs_reference,
         "update_compiled": compile_update,
@@ -643,7 +667,12 @@ def format_plan(plan: dict[str, Any], model_name: str, device_gib: float | None)
         f"{plan['new_tokens']} new tokens",
         f"  loss {plan['loss']}; compute {plan['dtype']}, parameters float32; {tuning}; "
         f"remat {'on' if plan['remat'] else 'off'}; micro-batches {plan['micro_batches']}; "
-        f"attention {plan.get('attention_impl', 'auto')}",
+        f"attention {plan.get('attention_impl', 'auto')}"
+        + (
+            f" (planned as {plan['attention_planned']}, as auto picks on GPU and TPU)"
+            if plan.get("attention_impl") == "auto" and "attention_planned" in plan
+            else ""
+        ),
         "",
         f"  {'per device':<46}{'GiB':>9}",
     ]

@@ -420,3 +420,35 @@ def test_float32_head_matmuls_ask_for_full_precision(vocab_chunk_size):
         precisions = _dot_precisions(jaxpr.jaxpr)
         assert len(precisions) >= 3  # logits, and both gradient matmuls
         assert all(p == want for p in precisions), (dtype, set(precisions))
+
+
+@pytest.mark.parametrize(
+    ("c", "block_size", "blocks", "block"),
+    [(520, 512, 2, 260), (512, 512, 1, 512), (159, 512, 1, 159), (1000, 256, 4, 250)],
+)
+def test_chunked_splits_the_keys_into_equal_blocks(c, block_size, blocks, block):
+    """At most block_size keys per block, as few blocks as that allows, all of one size:
+    520 keys run as 2 x 260, not 512 + 8 padded to 2 x 512 (1.7x slower than xla on CPU)."""
+    q = jnp.zeros((1, 4, 4, 8), jnp.float32)
+    k = jnp.zeros((1, 2, c, 8), jnp.float32)
+    mask = jnp.ones((1, c), bool)
+    slots = jnp.arange(c - 4, c, dtype=jnp.int32)
+    jaxpr = jax.make_jaxpr(
+        lambda q, k: A.attention(q, k, k, slots, mask, impl="chunked", block_size=block_size)
+    )(q, k)
+
+    def scans(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "scan":
+                yield eqn
+            for value in eqn.params.values():
+                inner = getattr(value, "jaxpr", value)
+                if hasattr(inner, "eqns"):
+                    yield from scans(inner)
+
+    (scan,) = list(scans(jaxpr.jaxpr))
+    assert scan.params["length"] == blocks
+    keys = [
+        v.aval.shape for v in scan.invars[scan.params["num_consts"] + scan.params["num_carry"] :]
+    ]
+    assert (blocks, 1, 2, block, 8) in keys  # the key blocks [nb, B, K, block, H]

@@ -174,6 +174,14 @@ def test_attention_impl_plans_the_materialized_scores_or_not():
     scores = 8 * c.num_heads * 512 * 512 * 4
     assert xla["activations_gib"] * GIB > chunked["activations_gib"] * GIB + scores
     assert "attention xla" in plan_report(xla, "tiny", None)[0]
+    # auto plans the accelerators' length rule (512^2 < 2^20: xla), not the
+    # CPU's (always chunked), which would understate a TPU or float32 GPU run.
+    auto = plan_memory(c, (1, 1, 1), 8, 8, 504, **kw)
+    assert auto["attention_planned"] == "xla"
+    assert auto["activations_gib"] == xla["activations_gib"]
+    assert "attention auto (planned as xla" in plan_report(auto, "tiny", None)[0]
+    long = plan_memory(c, (1, 1, 1), 8, 8, 1016, compile_update=False, **kw)
+    assert long["attention_planned"] == "chunked"  # 1024^2 pairs
 
 
 def test_lora_counts_adapters_as_trainable():
