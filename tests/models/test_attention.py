@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jaxprs import equations
 
 from erpo_jax.models import Decoder, ModelConfig
 from erpo_jax.models import attention as A
@@ -361,17 +362,7 @@ def test_decoder_splash_matches_xla_forward_and_prefill():
 
 def _dot_precisions(jaxpr) -> list:
     """The ``precision`` of every ``dot_general`` in ``jaxpr`` and its sub-jaxprs."""
-    found = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            found.append(eqn.params["precision"])
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, tuple | list) else (value,):
-                if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                    found += _dot_precisions(sub.jaxpr)
-                elif isinstance(sub, jax.extend.core.Jaxpr):
-                    found += _dot_precisions(sub)
-    return found
+    return [e.params["precision"] for e in equations(jaxpr) if e.primitive.name == "dot_general"]
 
 
 @pytest.mark.parametrize("impl", ["xla", "chunked"])
@@ -437,16 +428,7 @@ def test_chunked_splits_the_keys_into_equal_blocks(c, block_size, blocks, block)
         lambda q, k: A.attention(q, k, k, slots, mask, impl="chunked", block_size=block_size)
     )(q, k)
 
-    def scans(jaxpr):
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "scan":
-                yield eqn
-            for value in eqn.params.values():
-                inner = getattr(value, "jaxpr", value)
-                if hasattr(inner, "eqns"):
-                    yield from scans(inner)
-
-    (scan,) = list(scans(jaxpr.jaxpr))
+    (scan,) = [e for e in equations(jaxpr) if e.primitive.name == "scan"]
     assert scan.params["length"] == blocks
     keys = [
         v.aval.shape for v in scan.invars[scan.params["num_consts"] + scan.params["num_carry"] :]

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jaxprs import equations
 
 from erpo_jax.models.decoder import _project
 
@@ -56,16 +57,11 @@ def test_weight_gradient_contracts_the_narrower_operand(d_in, d_out, first):
     w = jnp.ones((d_in, d_out), jnp.float32)
     jaxpr = jax.make_jaxpr(jax.grad(lambda w: jnp.sum(_project(x, w, HIGHEST)) ** 2))(w).jaxpr
 
-    def dots(jaxpr):
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "dot_general":
-                yield eqn
-            for value in eqn.params.values():
-                inner = getattr(value, "jaxpr", value)
-                if hasattr(inner, "eqns"):
-                    yield from dots(inner)
-
-    token_contractions = [e for e in dots(jaxpr) if e.params["dimension_numbers"][0][0] == (0, 1)]
+    token_contractions = [
+        e
+        for e in equations(jaxpr)
+        if e.primitive.name == "dot_general" and e.params["dimension_numbers"][0][0] == (0, 1)
+    ]
     assert len(token_contractions) == 1
     lhs = token_contractions[0].invars[0].aval.shape[-1]
     assert lhs == (d_in if first == "x" else d_out)
