@@ -106,10 +106,17 @@ def resolve_attention_impl(
         return "cudnn"
     if backend == "cpu":
         return "chunked"
-    long = s * c >= _AUTO_CHUNK_PAIRS
-    if backend == "tpu" and long and s == c and head_dim is not None and head_dim % 128 == 0:
-        return "splash"
-    return "chunked" if long else "xla"
+    by_length = auto_by_length(s, c)
+    if backend == "tpu" and by_length == "chunked" and s == c and head_dim is not None:
+        if head_dim % 128 == 0:
+            return "splash"
+    return by_length
+
+
+def auto_by_length(s: int, c: int) -> str:
+    """``auto``'s rule where no fused kernel applies on an accelerator: ``chunked``
+    from ``2**20`` (query, key) pairs per row and head, ``xla`` below."""
+    return "chunked" if s * c >= _AUTO_CHUNK_PAIRS else "xla"
 
 
 def attention(

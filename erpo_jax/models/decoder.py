@@ -136,6 +136,11 @@ def _rope_angles(config: ModelConfig, positions: Int[Array, "..."]) -> tuple[Arr
     return jnp.cos(angles), jnp.sin(angles)
 
 
+def _layer_slices(stacked: dict[str, Array], num_layers: int) -> tuple[dict[str, Array], ...]:
+    """The stacked ``[L, ...]`` block parameters as one dict per block."""
+    return tuple({name: a[i] for name, a in stacked.items()} for i in range(num_layers))
+
+
 class DecodeConsts(NamedTuple):
     """Per-call constants of a decode loop (:meth:`Decoder.decode_consts`).
 
@@ -636,10 +641,7 @@ class Decoder(nnx.Module):
         table of positions ``0 .. max_length - 1`` (a row's position never
         reaches its cache length). Make them once, outside a decode loop, and
         pass them to :meth:`decode_step` / :meth:`extend`."""
-        stacked = self.layers.arrays()
-        layers = tuple(
-            {name: a[i] for name, a in stacked.items()} for i in range(self.config.num_layers)
-        )
+        layers = _layer_slices(self.layers.arrays(), self.config.num_layers)
         cos, sin = _rope_angles(self.config, jnp.arange(max_length, dtype=jnp.int32))
         return DecodeConsts(layers=layers, cos=cos, sin=sin)
 
@@ -711,11 +713,9 @@ class Decoder(nnx.Module):
         """
         if consts is None:
             cos, sin = self._rope_tables(positions)
-            layers = None
         else:  # table lookups: no sines or cosines in the loop
             cos = jnp.take(consts.cos, positions, axis=0, mode="clip")[:, :, None]
             sin = jnp.take(consts.sin, positions, axis=0, mode="clip")[:, :, None]
-            layers = consts.layers
         params = self.layers.arrays()
         sharding = self.residual_sharding if cache is None else None
         pin, unpin = self._pins(sharding, x.shape[0])
@@ -749,9 +749,9 @@ class Decoder(nnx.Module):
             return unpin(x), None
         # With a KV cache the layers are always unrolled: scanning would stack
         # and split the per-layer caches (a full copy) at every decode step.
+        layers = _layer_slices(params, num_layers) if consts is None else consts.layers
         new_k, new_v = [], []
-        for i in range(num_layers):
-            p = layers[i] if layers is not None else jax.tree.map(lambda a, i=i: a[i], params)
+        for i, p in enumerate(layers):
             ck, cv = (None, None) if cache is None else (cache[0][i], cache[1][i])
             x, ck, cv = layer(p, x, ck, cv)
             x = pin(x)

@@ -213,10 +213,10 @@ def _planned_attention(impl: str, prompt_bucket: int, new_tokens: int) -> str:
     """
     if impl != "auto":
         return impl
-    from erpo_jax.models.attention import _AUTO_CHUNK_PAIRS
+    from erpo_jax.models.attention import auto_by_length
 
     length = prompt_bucket + new_tokens
-    return "chunked" if length * length >= _AUTO_CHUNK_PAIRS else "xla"
+    return auto_by_length(length, length)
 
 
 def _attention_impl(value: Any) -> str:
@@ -667,10 +667,10 @@ def format_plan(plan: dict[str, Any], model_name: str, device_gib: float | None)
         f"{plan['new_tokens']} new tokens",
         f"  loss {plan['loss']}; compute {plan['dtype']}, parameters float32; {tuning}; "
         f"remat {'on' if plan['remat'] else 'off'}; micro-batches {plan['micro_batches']}; "
-        f"attention {plan.get('attention_impl', 'auto')}"
+        f"attention {plan['attention_impl']}"
         + (
             f" (planned as {plan['attention_planned']}, as auto picks on GPU and TPU)"
-            if plan.get("attention_impl") == "auto" and "attention_planned" in plan
+            if plan["attention_impl"] == "auto"
             else ""
         ),
         "",
