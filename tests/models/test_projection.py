@@ -65,3 +65,35 @@ def test_weight_gradient_contracts_the_narrower_operand(d_in, d_out, first):
     assert len(token_contractions) == 1
     lhs = token_contractions[0].invars[0].aval.shape[-1]
     assert lhs == (d_in if first == "x" else d_out)
+
+
+@pytest.mark.parametrize("case", ["large_offset_tiny_spread", "inf_on_a_token", "one_token"])
+def test_hard_inputs_give_autodiffs_gradients(case):
+    """Values far from zero with a tiny spread, an inf on a real token (non-finite gradients
+    exactly where autodiff has them), and a single-token row."""
+    rng = np.random.default_rng(7)
+    shape = (1, 1, 8) if case == "one_token" else (2, 4, 8)
+    x = rng.normal(size=shape)
+    if case == "large_offset_tiny_spread":
+        x = 1e4 + 1e-3 * x
+    x = jnp.asarray(x, jnp.float32)
+    if case == "inf_on_a_token":
+        x = x.at[1, 2, 3].set(jnp.inf)
+    w = jnp.asarray(rng.normal(size=(8, 24)), jnp.float32)
+    ct = jnp.asarray(rng.normal(size=(*shape[:2], 24)), jnp.float32)
+
+    def loss(fn):
+        return lambda x, w: jnp.sum(fn(x, w, HIGHEST) * ct)
+
+    got = jax.grad(loss(_project), argnums=(0, 1))(x, w)
+    want = jax.grad(loss(_autodiff), argnums=(0, 1))(x, w)
+    for g, h in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.isfinite(g), np.isfinite(h))
+        np.testing.assert_allclose(g, h, rtol=1e-5, atol=1e-5)
+    if case == "inf_on_a_token":
+        assert not np.isfinite(np.asarray(got[1])[3]).any()  # w's row 3 meets the inf
+        assert np.isfinite(np.asarray(got[1])[:3]).all()
+    if case == "large_offset_tiny_spread":
+        # dW = sum over tokens of x^T ct, in float64: about 1e4 * column sums of ct.
+        want64 = np.einsum("bsi,bso->io", np.asarray(x, np.float64), np.asarray(ct, np.float64))
+        np.testing.assert_allclose(got[1], want64, rtol=1e-5)
