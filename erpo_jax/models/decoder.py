@@ -687,7 +687,7 @@ class Decoder(nnx.Module):
 
         return pin, unpin
 
-    def _block_fn(self, *, use_lora, gather):
+    def _block_fn(self, *, use_lora, gather, keys_transposed=False):
         return functools.partial(
             _block,
             config=self.config,
@@ -699,6 +699,7 @@ class Decoder(nnx.Module):
                 impl=self.attention_impl,
                 block_size=self.attention_block,
                 mesh=self.attention_mesh,
+                keys_transposed=keys_transposed,
             ),
             gather=gather,
         )
@@ -719,10 +720,13 @@ class Decoder(nnx.Module):
         params = self.layers.arrays()
         sharding = self.residual_sharding if cache is None else None
         pin, unpin = self._pins(sharding, x.shape[0])
-        block = self._block_fn(use_lora=use_lora, gather=unpin)
+        # A cached step attends to the cache's keys as stored, slots minor.
+        block = self._block_fn(
+            use_lora=use_lora, gather=unpin, keys_transposed=cache is not None and not fresh
+        )
 
         def layer(p, x, cache_k, cache_v):
-            """One block; ``cache_k``/``cache_v`` are this layer's ``[B, K, C, H]`` or None."""
+            """A block; this layer's ``cache_k [B, K, H, C]``, ``cache_v [B, K, C, H]``; or None."""
             kv = None
             if cache_k is not None:
                 index = cache[2]
@@ -730,8 +734,9 @@ class Decoder(nnx.Module):
                 def kv(k, v):
                     nonlocal cache_k, cache_v
                     zero = jnp.zeros((), jnp.int32)
+                    kt = jnp.swapaxes(k, 2, 3).astype(cache_k.dtype)
+                    cache_k = jax.lax.dynamic_update_slice(cache_k, kt, (zero, zero, zero, index))
                     start = (zero, zero, index, zero)
-                    cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
                     cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
                     if fresh:
                         return k.astype(cache_k.dtype), v.astype(cache_v.dtype)

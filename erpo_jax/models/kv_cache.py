@@ -25,20 +25,24 @@ class KVCache(NamedTuple):
     """Keys and values of every layer for ``C`` slots.
 
     Attributes:
-      k: keys after RoPE, one ``[B, K, C, H]`` array per layer (a tuple of
+      k: keys after RoPE, one ``[B, K, H, C]`` array per layer (a tuple of
         L), in the compute dtype. Per-layer arrays, not one stacked
         ``[L, ...]`` array: attention reads a layer's cache as stored, where
         slicing a stacked cache would copy it at every decode step (measured:
         9x slower decoding at 2,560 slots). Heads before slots, so attention
-        needs no transpose of the cache either.
-      v: values, the same layout.
+        needs no transpose of the cache either, and slots minor (keys
+        transposed): a decode step's scores reduce over the head width, a
+        major axis, and vectorize along the slots (the rollout benchmark
+        decodes about 10% faster on CPU than with ``[B, K, C, H]`` keys).
+      v: values, ``[B, K, C, H]`` per layer (the scores-times-values
+        product reduces over the slots, a major axis here).
       mask: ``[B, C]`` bool, True where a slot holds a real (non-padding) token.
       positions: ``[B]`` int32, number of real tokens seen so far per row
         (the RoPE position of the row's next token).
       index: ``[]`` int32, the next slot to write (shared by all rows).
     """
 
-    k: tuple[Float[Array, "B K C H"], ...]
+    k: tuple[Float[Array, "B K H C"], ...]
     v: tuple[Float[Array, "B K C H"], ...]
     mask: Bool[Array, "B C"]
     positions: Int[Array, " B"]
@@ -48,7 +52,7 @@ class KVCache(NamedTuple):
     @property
     def max_length(self) -> int:
         """C, the number of slots."""
-        return self.k[0].shape[2]
+        return self.v[0].shape[2]
 
 
 def init_kv_cache(
@@ -70,10 +74,11 @@ def init_kv_cache(
     ):
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"init_kv_cache: {name} must be a positive int, got {value!r}")
-    shape = (batch_size, num_kv_heads, max_length, head_dim)
+    k_shape = (batch_size, num_kv_heads, head_dim, max_length)
+    v_shape = (batch_size, num_kv_heads, max_length, head_dim)
     return KVCache(
-        k=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
-        v=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
+        k=tuple(jnp.zeros(k_shape, dtype) for _ in range(num_layers)),
+        v=tuple(jnp.zeros(v_shape, dtype) for _ in range(num_layers)),
         mask=jnp.zeros((batch_size, max_length), bool),
         positions=jnp.zeros((batch_size,), jnp.int32),
         index=jnp.zeros((), jnp.int32),

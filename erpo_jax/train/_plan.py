@@ -285,7 +285,7 @@ def _device_bytes(tree: Any) -> int:
 def kv_cache_bytes(config: Any, *, batch: int, slots: int, dtype: str, row_shards: int) -> int:
     """Per-device bytes of the sampler's KV cache with its rows sharded over ``row_shards``.
 
-    Per layer a k and a v ``[B, K, C, H]`` in the compute dtype:
+    Per layer a k ``[B, K, H, C]`` and a v ``[B, K, C, H]`` in the compute dtype:
     ``2 * L * (B / row_shards) * K * C * H * itemsize(dtype)``.
     """
     import numpy as np
@@ -712,7 +712,7 @@ def format_plan(plan: dict[str, Any], model_name: str, device_gib: float | None)
         )
     if plan["sampler_compiled"]:
         lines.append(
-            f"check: KV cache sharded {c['kv_cache_spec']} over [B, K, C, H] by the compiled "
+            f"check: KV cache keys sharded {c['kv_cache_spec']} over [B, K, H, C] by the compiled "
             f"prefill; rows over data*fsdp alone would be {plan['kv_cache_analytic_gib']:.2f} GiB"
         )
     else:

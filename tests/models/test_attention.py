@@ -71,6 +71,50 @@ def test_chunked_and_xla_match_numpy_in_value(s, c, offset, block):
     np.testing.assert_allclose(np.asarray(chunked), want, atol=2e-6, rtol=1e-5)
 
 
+# (S, C, offset): a decode step (S == 1, XLA:CPU's multiply-reduce path), and
+# a cached multi-token extend, both against a partly unwritten cache.
+@pytest.mark.parametrize(("s", "c", "offset"), [(1, 21, 13), (1, 1, 0), (5, 21, 9)])
+@pytest.mark.parametrize("impl", ["xla", "chunked"])
+def test_transposed_cache_keys_give_the_same_attention(s, c, offset, impl):
+    # A KV cache stores keys as [B, K, H, C]; attending to them so must equal
+    # the NumPy reference on the [B, K, C, H] keys. H == C in no case here, so
+    # a mixed-up axis cannot pass.
+    q, k, v, q_slots, kv_mask = _inputs(3, 2, s, 4, 2, c, 8, offset=offset)
+    want = _numpy_attention(q, k, v, q_slots, kv_mask)
+    kt = jnp.swapaxes(k, 2, 3)
+    got = jax.jit(A.attention, static_argnames=("impl", "keys_transposed"))(
+        q, kt, v, q_slots, kv_mask, impl=impl, keys_transposed=True
+    )
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-6, rtol=1e-5)
+
+
+def test_transposed_decode_scores_reduce_over_a_major_axis():
+    # The decode step's scores reduce over the head width; with the cache's
+    # slots-minor keys that is not the minor axis of the product (on CPU a
+    # minor reduction of 32 floats ran 1.7x slower), and the keys are read
+    # as stored: no transpose of them.
+    q, k, v, q_slots, kv_mask = _inputs(4, 2, 1, 4, 2, 21, 8, offset=13)
+    kt = jnp.swapaxes(k, 2, 3)
+    jaxpr = jax.make_jaxpr(lambda q, kt, v: A._xla_decode_cpu(q, kt, v, q_slots, kv_mask, True))(
+        q, kt, v
+    )
+    products = [  # the [B, K, G, H, C] scores and [B, K, G, C, H] values products
+        e.params["axes"]
+        for e in equations(jaxpr)
+        if e.primitive.name == "reduce_sum" and e.invars[0].aval.ndim == 5
+    ]
+    assert products == [(3,), (3,)]  # [(4,), (3,)] with [B, K, C, H] keys
+    assert not [e for e in equations(jaxpr) if e.primitive.name == "transpose"]
+
+
+def test_keys_that_do_not_match_the_values_are_a_clear_error():
+    q, k, v, q_slots, kv_mask = _inputs(5, 2, 1, 4, 2, 21, 8, offset=13)
+    with pytest.raises(ValueError, match=r"keys of shape \(2, 2, 21, 8\).*keys_transposed=True"):
+        A.attention(q, k, v, q_slots, kv_mask, keys_transposed=True)
+    with pytest.raises(ValueError, match=r"expected \(2, 2, 21, 8\)"):
+        A.attention(q, jnp.swapaxes(k, 2, 3), v, q_slots, kv_mask)
+
+
 @pytest.mark.parametrize(("s", "c", "offset", "block"), CASES)
 def test_chunked_gradients_equal_xla(s, c, offset, block):
     q, k, v, q_slots, kv_mask = _inputs(1, 2, s, 4, 2, c, 8, offset=offset)
@@ -349,7 +393,7 @@ def test_decoder_splash_matches_xla_forward_and_prefill():
     # attended to, meaningless and masked in every path).
     slots = np.zeros((2, 40), bool)
     slots[:, :29] = real
-    ks, kx = np.asarray(cs.k[1]).transpose(0, 2, 1, 3), np.asarray(cx.k[1]).transpose(0, 2, 1, 3)
+    ks, kx = np.asarray(cs.k[1]).transpose(0, 3, 1, 2), np.asarray(cx.k[1]).transpose(0, 3, 1, 2)
     np.testing.assert_allclose(ks[slots], kx[slots], atol=2e-5)
     nxt = jnp.argmax(lx, -1).astype(jnp.int32)
     np.testing.assert_allclose(

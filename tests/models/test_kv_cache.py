@@ -94,6 +94,18 @@ def test_prefill_then_decode_equals_full_forward(family, scan_layers):
 
     assert isinstance(cache, KVCache)
     assert cache.max_length == s + n + 2
+    # Keys slots-minor, values heads-then-slots (head width != slots here).
+    layer_k, layer_v = cache.k[0].shape, cache.v[0].shape
+    assert layer_k[3] == layer_v[2] == s + n + 2 and layer_k[2] == layer_v[3] != s + n + 2
+    # Keys as stored are the forward's: the prompt's real slots hold what a
+    # fresh prefill of the same prompt writes, in the same [.., H, C] layout.
+    _, fresh = _prefill(model, jnp.asarray(prompt), jnp.asarray(mask), s + n + 2)
+    real = np.asarray(mask)
+    np.testing.assert_allclose(
+        np.asarray(cache.k[1]).transpose(0, 3, 1, 2)[:, :s][real],
+        np.asarray(fresh.k[1]).transpose(0, 3, 1, 2)[:, :s][real],
+        atol=1e-6,
+    )
     assert int(cache.index) == s + n
     np.testing.assert_array_equal(cache.positions, full_mask.sum(-1))
     np.testing.assert_array_equal(cache.mask[:, : s + n], full_mask)
