@@ -468,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="the update's log-prob head in chunks of about this many tokens "
-        "(model.logp_chunk_size)",
+        "(model.logp_chunk_size; default: chosen from the shapes, as the trainer does)",
     )
     p.add_argument(
         "--sequence-parallel",

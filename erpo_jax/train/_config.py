@@ -89,7 +89,10 @@ class ModelSpec:
       lora_alpha: LoRA scale numerator (scale = alpha / rank).
       remat: recompute block activations in the backward pass.
       scan_layers: ``lax.scan`` over blocks in the cache-free forward.
-      logp_chunk_size: tokens per chunk of the log-prob/entropy head (None: all at once).
+      logp_chunk_size: tokens per chunk of the log-prob/entropy head. None
+        (the default) picks from the shapes: all at once while one device's
+        float32 logits fit in 512 MiB, else chunks that fit
+        (``erpo_jax.ops.auto_chunk_size``).
       vocab_chunk_size: vocabulary tile of that head (None: the full vocabulary).
       attention_impl: ``auto``, ``xla``, ``chunked`` (blockwise, memory linear
         in length), ``cudnn`` (GPU) or ``splash`` (the Pallas TPU kernel); see

@@ -224,7 +224,8 @@ def _build(cfg: RunConfig, out: Path, log: Callable[[str], None]) -> _Run:
     tx, schedule = make_optimizer(cfg.optimizer, total_updates, trainable)
     temperature = cfg.rollout.temperature
     chunk = dict(
-        chunk_size=cfg.model.logp_chunk_size,
+        # None: the head picks at once or chunked from the shapes it is traced with
+        chunk_size=cfg.model.logp_chunk_size or "auto",
         vocab_chunk_size=cfg.model.vocab_chunk_size,
         # one weight-gradient partial sum per row shard: one all-reduce per call
         row_shards=mesh.shape["data"] * mesh.shape["fsdp"],

@@ -334,7 +334,8 @@ def plan_memory(
       micro_batches: gradient-accumulation chunks of the update.
       remat: recompute block activations in the backward pass.
       logp_chunk_size: the update's log-prob head in chunks of about this many
-        tokens (``model.logp_chunk_size``; None: all logits at once).
+        tokens (``model.logp_chunk_size``; None: chosen from the shapes, as
+        the trainer does, by ``erpo_jax.ops.auto_chunk_size``).
       attention_impl: ``model.attention_impl`` (``auto``, ``xla`` or
         ``chunked``). ``auto`` plans what it picks on a GPU or TPU by
         length (:func:`_planned_attention`), not what it picks on the CPU
@@ -363,6 +364,7 @@ def plan_memory(
     from jax.sharding import NamedSharding, PartitionSpec
 
     from erpo_jax.models import Decoder, add_lora
+    from erpo_jax.ops import auto_chunk_size
     from erpo_jax.sampling import _sampler
     from erpo_jax.train._config import LossConfig, MeshConfig, OptimizerConfig
     from erpo_jax.train._losses import make_loss_fn
@@ -456,7 +458,7 @@ def plan_memory(
         loss_fn = make_loss_fn(loss_cfg, max_len=t, total_steps=_TOTAL_STEPS)
         update_fn: Any = make_update_fn(
             graphdef, tx, schedule, loss_fn, loss_cfg, micro_batches=micro_batches, max_len=t,
-            temperature=1.0, chunk_size=logp_chunk_size, vocab_chunk_size=None,
+            temperature=1.0, chunk_size=logp_chunk_size or "auto", vocab_chunk_size=None,
             arca=loss == "arca",
             row_shards=row_shards,  # micro-batches split as the trainer splits them
             group_size=group,  # each group's prompt runs once, as in the trainer
@@ -534,8 +536,13 @@ def plan_memory(
     length = s_bucket + t - 1  # the update's forward runs on prompt + completion, less one
     scores = _attention_scores_bytes(config, batch, length, mesh_shape, micro_batches)
     rows_per_device = -(-batch // (row_shards * micro_batches))
-    if logp_chunk_size is not None:  # a chunk of ~logp_chunk_size tokens at a time
-        logits = min(rows_per_device * t, logp_chunk_size) * config.vocab_size * 4
+    chunk = logp_chunk_size
+    if chunk is None:  # as the trainer's head picks it ("auto"), per micro-batch
+        micro_rows = -(-batch // micro_batches)
+        auto = auto_chunk_size(micro_rows, t, config.vocab_size, row_shards=row_shards)
+        chunk = None if auto is None else rows_per_device * -(-auto // micro_rows)
+    if chunk is not None:  # a chunk of ~chunk tokens at a time
+        logits = min(rows_per_device * t, chunk) * config.vocab_size * 4
     else:
         logits = rows_per_device * t * config.vocab_size * 4
     return {

@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.test_util import check_grads
+from jaxprs import equations
 
-from erpo_jax.ops import token_logp_and_entropy
+from erpo_jax.ops import AUTO_LOGITS_BYTES, _logp_entropy, auto_chunk_size, token_logp_and_entropy
 
 
 def _reference(hidden, unembed, tokens, temperature):
@@ -222,6 +223,7 @@ def test_out_of_range_tokens_stay_finite():
     [
         ({"chunk_size": 0}, "chunk_size"),
         ({"chunk_size": 2.0}, "chunk_size"),
+        ({"chunk_size": "Auto"}, "'auto'"),
         ({"temperature": 0.0}, "temperature"),
         ({"chunk_size": 4, "row_shards": 0}, "row_shards"),
     ],
@@ -258,3 +260,85 @@ def test_chunked_peak_memory_does_not_grow_with_tokens():
     logits_bytes = 4096 * vocab * 4
     assert large < small + logits_bytes / 16
     assert large < _grad_temp_bytes(4096, vocab, None) / 8
+
+
+# ---------------------------------------------------------------- chunk_size="auto"
+
+
+def test_auto_chunk_size_by_hand():
+    budget = 512 * 2**20
+    assert AUTO_LOGITS_BYTES == budget
+    # The rollout benchmark's head: 128 x 128 tokens over 4,096 ids are
+    # exactly 256 MiB of float32 logits, at once.
+    assert auto_chunk_size(128, 128, 4096) is None
+    # Exactly at the bound: at once; one position more: chunked.
+    assert auto_chunk_size(1, budget // (4 * 1024), 1024) is None
+    assert auto_chunk_size(1, budget // (4 * 1024) + 1, 1024) == budget // (4 * 1024)
+    # Qwen's vocabulary, 64 rows over 8 devices, 4,096 tokens: a device's
+    # position of 8 rows is 8 * 151,936 * 4 = 4,861,952 bytes, so 110
+    # positions (534,814,720 bytes) fit and 111 do not; in tokens of all rows.
+    assert auto_chunk_size(64, 4096, 151936, row_shards=8) == 110 * 64
+    # Rows that do not divide the shards count the largest share (ceil).
+    assert auto_chunk_size(65, 4096, 151936, row_shards=8) == 98 * 65  # 9 rows a device
+    # One position of every row above the bound: one position at a time.
+    assert auto_chunk_size(4096, 8, 151936) == 4096
+
+
+@pytest.mark.parametrize(
+    ("args", "kw", "match"),
+    [
+        ((-1, 4, 8), {}, "rows"),
+        ((2, 4.0, 8), {}, "length"),
+        ((2, 4, 8), {"row_shards": 0}, "row_shards"),
+    ],
+)
+def test_auto_chunk_size_names_a_bad_argument(args, kw, match):
+    with pytest.raises(ValueError, match=match):
+        auto_chunk_size(*args, **kw)
+
+
+def test_auto_is_at_once_under_the_bound_and_chunked_above(monkeypatch):
+    hidden, unembed, tokens = (jnp.asarray(x) for x in _inputs(7, b=3, t=5, v=11))
+    want = _reference(*(np.asarray(x) for x in (hidden, unembed, tokens)), 0.7)
+
+    def scans(**kw):
+        def f(h, w):
+            return token_logp_and_entropy(h, w, tokens, temperature=0.7, chunk_size="auto", **kw)
+
+        got = f(hidden, unembed)
+        np.testing.assert_allclose(np.asarray(got[0]), want[0], atol=2e-5, rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(got[1]), want[1], atol=2e-5, rtol=1e-5)
+        grads = jax.grad(lambda h, w: jnp.sum(f(h, w)[0]) + jnp.sum(f(h, w)[1]), (0, 1))
+        ref = jax.grad(
+            lambda h, w: sum(
+                jnp.sum(x) for x in token_logp_and_entropy(h, w, tokens, temperature=0.7)
+            ),
+            (0, 1),
+        )
+        for a, b in zip(grads(hidden, unembed), ref(hidden, unembed), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-5)
+        return sum(
+            e.primitive.name == "scan" for e in equations(jax.make_jaxpr(f)(hidden, unembed))
+        )
+
+    assert scans() == 0  # 3 x 5 x 11 float32 logits: far under 512 MiB
+    # 2 positions of 3 rows fit under a bound of 2 * 3 * 11 * 4 bytes: chunked.
+    monkeypatch.setattr(_logp_entropy, "AUTO_LOGITS_BYTES", 2 * 3 * 11 * 4)
+    assert _logp_entropy.auto_chunk_size(3, 5, 11) == 6
+    assert scans() > 0
+    assert scans(vocab_chunk_size=4) > 0
+    # Under the bound with a vocabulary tile asked for: one chunk, tiled.
+    monkeypatch.setattr(_logp_entropy, "AUTO_LOGITS_BYTES", 10**9)
+    assert scans(vocab_chunk_size=4) > 0
+
+
+def test_auto_bounds_the_compiled_memory_of_a_large_head():
+    # Abstract shapes, nothing allocated: 65,536 tokens over 4,096 ids are
+    # 1 GiB of float32 logits. "auto" chunks them to at most 512 MiB at a
+    # time; all at once keeps several copies of the full logits.
+    auto = _grad_temp_bytes(65536, 4096, "auto")
+    whole = _grad_temp_bytes(65536, 4096, None)
+    # A chunk's logits and their gradient: about twice the bound, where all
+    # at once takes twice the whole (2 GiB).
+    assert auto <= 2 * AUTO_LOGITS_BYTES + 2**24
+    assert whole >= 2 * 2**30

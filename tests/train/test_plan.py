@@ -160,6 +160,24 @@ def test_chunked_head_lowers_the_update_temporaries():
     assert whole["head_logits_gib"] * GIB == 16 * 64 * 4096 * 4
 
 
+def test_unset_chunk_size_plans_what_the_trainers_auto_head_picks(monkeypatch):
+    """Without --logp-chunk-size the plan compiles and counts the head as the
+    trainer runs it (chunk_size "auto"): at once under the bound (above),
+    in chunks that fit above it; here a 4 MiB bound against 16 MiB of logits."""
+    import dataclasses
+
+    from erpo_jax.ops import _logp_entropy
+
+    c = dataclasses.replace(tiny_config(), vocab_size=4096)
+    kw = dict(loss="grpo", dtype="float32", compile_sampler=False)
+    whole = plan_memory(c, (1, 1, 1), 16, 8, 64, **kw)
+    monkeypatch.setattr(_logp_entropy, "AUTO_LOGITS_BYTES", 4 * 2**20)
+    auto = plan_memory(c, (1, 1, 1), 16, 8, 64, **kw)
+    # 16 rows x 4,096 ids x 4 bytes = 256 KiB a position: 16 positions fit.
+    assert auto["head_logits_gib"] * GIB == 16 * 16 * 4096 * 4
+    assert auto["activations_gib"] < 0.5 * whole["activations_gib"]
+
+
 def test_attention_impl_plans_the_materialized_scores_or_not():
     """--attention-impl xla plans the update with every layer's [rows, heads, L, L] float32
     scores (and their softmax gradient) materialized; chunked keeps them O(L * block)."""
