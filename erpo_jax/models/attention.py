@@ -5,7 +5,9 @@ attend to keys and values ``k, v [B, K, C, H]`` (heads before slots; K
 divides N). A KV cache stores its keys with slots minor, ``[B, K, H, C]``
 (``keys_transposed=True``; see :class:`~erpo_jax.models.KVCache`), which
 ``xla`` reads as stored; the other implementations transpose them back
-first (a copy: they serve multi-token calls). Which keys a query may see is given by two small
+first, a copy of the layer's keys (they serve multi-token calls; a decode
+step forced onto one of them pays it at every step). Which keys a query may
+see is given by two small
 arrays instead of a ``[B, S, C]`` mask, so long sequences never materialize
 one:
 
@@ -124,7 +126,7 @@ def auto_by_length(s: int, c: int) -> str:
 
 def attention(
     q: Float[Array, "B S N H"],
-    k: Float[Array, "B K C H"],
+    k: Float[Array, "B K _ _"],
     v: Float[Array, "B K C H"],
     q_slots: Int[Array, " S"],
     kv_mask: Bool[Array, "B C"],
@@ -137,7 +139,8 @@ def attention(
     """Softmax attention of ``q`` over ``k, v``; returns ``[B, S, N * H]`` in ``v``'s dtype.
 
     Args:
-      q, k, v, q_slots, kv_mask: see the module docstring. With ``S == C``
+      q, k, v, q_slots, kv_mask: see the module docstring (``k`` is
+        ``[B, K, C, H]``, or ``[B, K, H, C]`` with ``keys_transposed``). With ``S == C``
         the ``splash`` path takes ``q_slots`` to be ``arange(S)`` (how
         ``Decoder`` calls it for new tokens).
       impl: one of :data:`ATTENTION_IMPLS`.

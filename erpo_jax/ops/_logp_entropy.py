@@ -29,8 +29,16 @@ from erpo_jax.typing import Array, ArrayLike, Float, Int
 
 __all__ = ["AUTO_LOGITS_BYTES", "auto_chunk_size", "token_logp_and_entropy"]
 
-AUTO_LOGITS_BYTES = 512 * 2**20
-"""``chunk_size="auto"``'s bound on one device's float32 logits (512 MiB)."""
+AUTO_LOGITS_BYTES = 256 * 2**20
+"""``chunk_size="auto"``'s bound on one float32 logits buffer of a device (256 MiB).
+
+The head's value-and-gradient holds a few buffers of that size (about four
+all at once, two or three per chunk), so its working memory stays near
+1 GiB whichever way it runs, and grows with neither ``B * T`` nor ``V``
+once the chunks are that size. Chunking costs a second logits matmul in
+the backward pass (about 4% of a tiny-Qwen3 GRPO update on the 2-core
+Xeon, whose 256 MiB head runs at once), so small heads stay whole.
+"""
 
 
 def auto_chunk_size(rows: int, length: int, vocab: int, *, row_shards: int = 1) -> int | None:
@@ -38,25 +46,27 @@ def auto_chunk_size(rows: int, length: int, vocab: int, *, row_shards: int = 1) 
 
     ``None`` (all logits at once) while one device's float32 logits, its
     ``ceil(rows / row_shards)`` rows times ``length`` times ``vocab`` times 4
-    bytes, fit in :data:`AUTO_LOGITS_BYTES`; else chunks of the most
-    positions of every row whose logits fit there (at least one position),
-    given as tokens over all ``rows`` (``token_logp_and_entropy``'s unit).
+    bytes, fit in :data:`AUTO_LOGITS_BYTES`; else the fewest equal chunks of
+    positions whose logits fit there (at least one position each; equal, so
+    the last chunk is not mostly padding), given as tokens over all
+    ``rows`` (``token_logp_and_entropy``'s unit). With vocabulary tiles,
+    pass the tile width as ``vocab``.
 
     The bound keeps the head from running a device out of memory on a real
-    vocabulary (Qwen's 151,936 ids at 4,096 tokens are 2.5 GB per row) and
-    leaves small heads whole: the tiny-Qwen3 benchmark's 128 x 128 tokens
-    over 4,096 ids (256 MiB) run at once, as fast on the 2-core CPU as in
-    chunks of 256-4,096 tokens (a GRPO update of 3.87-3.95 s either way).
+    vocabulary (Qwen's 151,936 ids at 4,096 tokens are 2.5 GB of logits per
+    row) and leaves small heads whole (the toy task's).
     """
     for name, value in (("rows", rows), ("length", length), ("vocab", vocab)):
-        if not isinstance(value, int) or value < 0:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"auto_chunk_size: {name} must be an int >= 0, got {value!r}")
-    if not isinstance(row_shards, int) or row_shards < 1:
+    if not isinstance(row_shards, int) or isinstance(row_shards, bool) or row_shards < 1:
         raise ValueError(f"auto_chunk_size: row_shards must be an int >= 1, got {row_shards!r}")
     per_position = -(-rows // row_shards) * vocab * 4
     if per_position * length <= AUTO_LOGITS_BYTES:
         return None
-    return max(1, AUTO_LOGITS_BYTES // per_position) * rows
+    fit = max(1, AUTO_LOGITS_BYTES // per_position)
+    chunks = -(-length // fit)
+    return -(-length // chunks) * rows
 
 
 def token_logp_and_entropy(
@@ -99,14 +109,17 @@ def token_logp_and_entropy(
         the shapes (:func:`auto_chunk_size`): at once while a device's
         float32 logits fit in :data:`AUTO_LOGITS_BYTES`, else in chunks
         that fit.
-      row_shards: with ``chunk_size``, the number of devices the rows of
+      row_shards: with a chunked head (``chunk_size`` an int or ``"auto"``),
+        the number of devices the rows of
         ``hidden`` are sharded over (``data * fsdp`` of the trainer's mesh).
         The backward pass keeps that many weight-gradient partial sums, one
         per row group, and adds them once after the loop, so under data
         parallelism the ``[D, V]`` gradient is all-reduced once per call, not
         once per chunk. 1 (the default) keeps one accumulator; a value that
         does not divide ``B`` is reduced to their gcd.
-      vocab_chunk_size: with ``chunk_size``, also split the vocabulary into
+      vocab_chunk_size: with ``chunk_size`` (an int, or ``"auto"``, which
+        then sizes its chunks by the tile, and runs one tiled chunk where
+        the logits would fit at once), also split the vocabulary into
         tiles of this many columns and combine them with an online
         (running-max) logsumexp and entropy, so that peak memory is
         ``O(chunk_size * vocab_chunk_size)``: independent of ``V`` as well as
@@ -137,7 +150,8 @@ def token_logp_and_entropy(
                 f"{tuple(unembed.shape)} must be [B, T, D] and [D, V]"
             )
         b, t = hidden.shape[:2]
-        chunk_size = auto_chunk_size(b, t, unembed.shape[1], row_shards=row_shards)
+        width = min(unembed.shape[1], vocab_chunk_size or unembed.shape[1])
+        chunk_size = auto_chunk_size(b, t, width, row_shards=row_shards)
         if chunk_size is None and vocab_chunk_size is not None:
             chunk_size = max(1, b * t)  # one chunk, its vocabulary in tiles as asked
     if isinstance(temperature, (int, float)) and not temperature > 0:

@@ -91,7 +91,7 @@ class ModelSpec:
       scan_layers: ``lax.scan`` over blocks in the cache-free forward.
       logp_chunk_size: tokens per chunk of the log-prob/entropy head. None
         (the default) picks from the shapes: all at once while one device's
-        float32 logits fit in 512 MiB, else chunks that fit
+        float32 logits fit in 256 MiB, else chunks that fit
         (``erpo_jax.ops.auto_chunk_size``).
       vocab_chunk_size: vocabulary tile of that head (None: the full vocabulary).
       attention_impl: ``auto``, ``xla``, ``chunked`` (blockwise, memory linear

@@ -282,6 +282,33 @@ def _device_bytes(tree: Any) -> int:
 # ---------------------------------------------------------------------- plan
 
 
+def head_logits_bytes(
+    vocab: int,
+    batch: int,
+    length: int,
+    *,
+    micro_batches: int = 1,
+    row_shards: int = 1,
+    logp_chunk_size: int | None = None,
+) -> int:
+    """Per-device bytes of the update head's float32 logits at a time.
+
+    The head runs per micro-batch of ``ceil(batch / micro_batches)`` rows, a
+    device holding ``ceil(micro_rows / row_shards)`` of them; a chunk of
+    ``logp_chunk_size`` tokens is ``ceil(chunk / micro_rows)`` positions of
+    every row (``token_logp_and_entropy``), and unset, the chunk is what
+    the trainer's ``"auto"`` picks (:func:`erpo_jax.ops.auto_chunk_size`).
+    """
+    from erpo_jax.ops import auto_chunk_size
+
+    micro_rows = -(-batch // micro_batches)
+    chunk = logp_chunk_size
+    if chunk is None:
+        chunk = auto_chunk_size(micro_rows, length, vocab, row_shards=row_shards)
+    positions = length if chunk is None else max(1, min(length, -(-chunk // micro_rows)))
+    return -(-micro_rows // row_shards) * positions * vocab * 4
+
+
 def kv_cache_bytes(config: Any, *, batch: int, slots: int, dtype: str, row_shards: int) -> int:
     """Per-device bytes of the sampler's KV cache with its rows sharded over ``row_shards``.
 
@@ -364,7 +391,6 @@ def plan_memory(
     from jax.sharding import NamedSharding, PartitionSpec
 
     from erpo_jax.models import Decoder, add_lora
-    from erpo_jax.ops import auto_chunk_size
     from erpo_jax.sampling import _sampler
     from erpo_jax.train._config import LossConfig, MeshConfig, OptimizerConfig
     from erpo_jax.train._losses import make_loss_fn
@@ -535,16 +561,10 @@ def plan_memory(
     rollout_peak = persistent + kv_bytes + sampler_other + sampler_temp
     length = s_bucket + t - 1  # the update's forward runs on prompt + completion, less one
     scores = _attention_scores_bytes(config, batch, length, mesh_shape, micro_batches)
-    rows_per_device = -(-batch // (row_shards * micro_batches))
-    chunk = logp_chunk_size
-    if chunk is None:  # as the trainer's head picks it ("auto"), per micro-batch
-        micro_rows = -(-batch // micro_batches)
-        auto = auto_chunk_size(micro_rows, t, config.vocab_size, row_shards=row_shards)
-        chunk = None if auto is None else rows_per_device * -(-auto // micro_rows)
-    if chunk is not None:  # a chunk of ~chunk tokens at a time
-        logits = min(rows_per_device * t, chunk) * config.vocab_size * 4
-    else:
-        logits = rows_per_device * t * config.vocab_size * 4
+    logits = head_logits_bytes(
+        config.vocab_size, batch, t, micro_batches=micro_batches, row_shards=row_shards,
+        logp_chunk_size=logp_chunk_size,
+    )  # fmt: skip
     return {
         "model_params": config.num_params,
         "mesh": {"data": data, "fsdp": fsdp, "tensor": tensor},
@@ -650,8 +670,9 @@ def _hints(plan: dict[str, Any], device_gib: float) -> list[str]:
             f"{plan['attention_scores_gib']:.1f} GiB per device if materialized (the xla "
             "attention path; model.attention_impl=chunked keeps them O(S * block)), and the "
             "head's float32 "
-            f"logits [rows, T, V] up to {plan['head_logits_gib']:.1f} GiB "
-            "(model.logp_chunk_size / vocab_chunk_size in a run config bound those)"
+            f"logits [rows, T, V] {plan['head_logits_gib']:.1f} GiB at a time "
+            "(chunked to 256 MiB by default; model.logp_chunk_size / vocab_chunk_size "
+            "in a run config set the chunk)"
         )
     if plan["rollout_peak_gib"] > device_gib and plan["kv_cache_gib"] > 0.2 * device_gib:
         out.append(

@@ -266,20 +266,23 @@ def test_chunked_peak_memory_does_not_grow_with_tokens():
 
 
 def test_auto_chunk_size_by_hand():
-    budget = 512 * 2**20
+    budget = 256 * 2**20
     assert AUTO_LOGITS_BYTES == budget
-    # The rollout benchmark's head: 128 x 128 tokens over 4,096 ids are
-    # exactly 256 MiB of float32 logits, at once.
+    # The toy task's head (B 128, T 48, V 100: 2.4 MB) runs at once, and so
+    # does the rollout benchmark's: 128 x 128 tokens over 4,096 ids, 256 MiB.
+    assert auto_chunk_size(128, 48, 100) is None
     assert auto_chunk_size(128, 128, 4096) is None
-    # Exactly at the bound: at once; one position more: chunked.
+    # Exactly at the bound: at once; one position more: two equal chunks
+    # (32,769 and 32,768 positions of 65,537), not 65,536 and 1.
     assert auto_chunk_size(1, budget // (4 * 1024), 1024) is None
-    assert auto_chunk_size(1, budget // (4 * 1024) + 1, 1024) == budget // (4 * 1024)
+    assert auto_chunk_size(1, budget // (4 * 1024) + 1, 1024) == 32769
     # Qwen's vocabulary, 64 rows over 8 devices, 4,096 tokens: a device's
-    # position of 8 rows is 8 * 151,936 * 4 = 4,861,952 bytes, so 110
-    # positions (534,814,720 bytes) fit and 111 do not; in tokens of all rows.
-    assert auto_chunk_size(64, 4096, 151936, row_shards=8) == 110 * 64
-    # Rows that do not divide the shards count the largest share (ceil).
-    assert auto_chunk_size(65, 4096, 151936, row_shards=8) == 98 * 65  # 9 rows a device
+    # position of 8 rows is 8 * 151,936 * 4 = 4,861,952 bytes, so 55 fit
+    # (267,407,360 bytes) and 56 do not; 75 chunks of 55 positions.
+    assert auto_chunk_size(64, 4096, 151936, row_shards=8) == 55 * 64
+    # Rows that do not divide the shards count the largest share: 9 rows a
+    # device, 5,469,696 bytes a position, 49 fit, 84 chunks of 49.
+    assert auto_chunk_size(65, 4096, 151936, row_shards=8) == 49 * 65
     # One position of every row above the bound: one position at a time.
     assert auto_chunk_size(4096, 8, 151936) == 4096
 
@@ -290,6 +293,7 @@ def test_auto_chunk_size_by_hand():
         ((-1, 4, 8), {}, "rows"),
         ((2, 4.0, 8), {}, "length"),
         ((2, 4, 8), {"row_shards": 0}, "row_shards"),
+        ((2, True, 8), {}, "length"),
     ],
 )
 def test_auto_chunk_size_names_a_bad_argument(args, kw, match):
@@ -321,11 +325,14 @@ def test_auto_is_at_once_under_the_bound_and_chunked_above(monkeypatch):
             e.primitive.name == "scan" for e in equations(jax.make_jaxpr(f)(hidden, unembed))
         )
 
-    assert scans() == 0  # 3 x 5 x 11 float32 logits: far under 512 MiB
-    # 2 positions of 3 rows fit under a bound of 2 * 3 * 11 * 4 bytes: chunked.
+    assert scans() == 0  # 3 x 5 x 11 float32 logits: far under the bound
+    # 2 positions of 3 rows fit under a bound of 2 * 3 * 11 * 4 bytes: 3
+    # chunks of 2 positions (the last one padded by one).
     monkeypatch.setattr(_logp_entropy, "AUTO_LOGITS_BYTES", 2 * 3 * 11 * 4)
     assert _logp_entropy.auto_chunk_size(3, 5, 11) == 6
     assert scans() > 0
+    # Tiles of 4 ids: the chunks are sized by the tile (5 positions fit).
+    assert _logp_entropy.auto_chunk_size(3, 5, 4) is None
     assert scans(vocab_chunk_size=4) > 0
     # Under the bound with a vocabulary tile asked for: one chunk, tiled.
     monkeypatch.setattr(_logp_entropy, "AUTO_LOGITS_BYTES", 10**9)
@@ -334,8 +341,8 @@ def test_auto_is_at_once_under_the_bound_and_chunked_above(monkeypatch):
 
 def test_auto_bounds_the_compiled_memory_of_a_large_head():
     # Abstract shapes, nothing allocated: 65,536 tokens over 4,096 ids are
-    # 1 GiB of float32 logits. "auto" chunks them to at most 512 MiB at a
-    # time; all at once keeps several copies of the full logits.
+    # 1 GiB of float32 logits. "auto" takes them 256 MiB at a time; all at
+    # once keeps copies of the whole.
     auto = _grad_temp_bytes(65536, 4096, "auto")
     whole = _grad_temp_bytes(65536, 4096, None)
     # A chunk's logits and their gradient: about twice the bound, where all

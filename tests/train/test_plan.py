@@ -160,6 +160,24 @@ def test_chunked_head_lowers_the_update_temporaries():
     assert whole["head_logits_gib"] * GIB == 16 * 64 * 4096 * 4
 
 
+def test_head_logits_count_a_devices_rows_per_micro_batch():
+    """A chunk of C tokens is ceil(C / micro-batch rows) positions of each of
+    a device's rows, not C of its own tokens (512 rows, 4 micro-batches of
+    128, 8 row shards: 16 rows a device, 1,024-token chunks of 8 positions)."""
+    from erpo_jax.train._plan import head_logits_bytes
+
+    v = 151936
+    kw = dict(micro_batches=4, row_shards=8)
+    assert head_logits_bytes(v, 512, 4096, logp_chunk_size=1024, **kw) == 16 * 8 * v * 4
+    # Unset: auto's chunk. 16 rows a device are 9,723,904 bytes a position,
+    # so 27 positions fit in 256 MiB; 152 equal chunks of 27.
+    assert head_logits_bytes(v, 512, 4096, **kw) == 16 * 27 * v * 4
+    # A chunk longer than the completion: the whole [rows, T, V] at once.
+    assert head_logits_bytes(v, 64, 100, logp_chunk_size=10**9) == 64 * 100 * v * 4
+    # Small heads: all at once.
+    assert head_logits_bytes(100, 128, 48) == 128 * 48 * 100 * 4
+
+
 def test_unset_chunk_size_plans_what_the_trainers_auto_head_picks(monkeypatch):
     """Without --logp-chunk-size the plan compiles and counts the head as the
     trainer runs it (chunk_size "auto"): at once under the bound (above),
