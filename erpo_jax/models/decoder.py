@@ -542,7 +542,8 @@ class Decoder(nnx.Module):
           fresh: the cache is empty (``index == 0``; a prefill). The new
             tokens then attend only to each other, ``[S, S]`` scores instead
             of ``[S, C]`` against the empty future slots.
-          consts: this model's :meth:`decode_consts` for this cache, made
+          consts: this model's :meth:`decode_consts` for this cache (or a
+            longer one, e.g. a cache that grows between decode loops), made
             once by the caller outside its decode loop, or None to derive
             them here. XLA does not hoist them out of a ``while_loop``:
             derived inside, every step copies each layer's weights out of
@@ -563,10 +564,11 @@ class Decoder(nnx.Module):
         mask = mask.astype(bool)
         positions = cache.positions[:, None] + positions_from_mask(mask)
         positions = jnp.where(mask, positions, 0)
-        if consts is not None and consts.cos.shape[0] != cache.max_length:
+        if consts is not None and consts.cos.shape[0] < cache.max_length:
             raise ValueError(
                 f"extend: consts are for a cache of {consts.cos.shape[0]} slots, the cache has "
-                f"{cache.max_length}; make them with decode_consts(max_length={cache.max_length})"
+                f"{cache.max_length}; make them with decode_consts(max_length={cache.max_length}) "
+                "(or longer)"
             )
         slot_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, cache.index))
         if fresh:

@@ -55,6 +55,9 @@ class SamplingOptions:
       reft_top_n, reft_k: REFT's N and K.
       reft_marker: ids forced before the REFT opener (e.g. ``<think>``).
       stop_check_every: decode steps between host checks of stop strings.
+      decode_phases: the sampler's decode loop in this many parts over a
+        growing KV cache (``sample(decode_phases=)``); 1 while stop strings
+        are in use (theirs split the loop).
     """
 
     max_new_tokens: int = 64
@@ -67,6 +70,7 @@ class SamplingOptions:
     reft_k: int = 4
     reft_marker: tuple[int, ...] = ()
     stop_check_every: int = 16
+    decode_phases: int = 1
 
 
 class Rollout(NamedTuple):
@@ -251,6 +255,7 @@ def generate(
         reft_marker=options.reft_marker,
         use_lora=use_lora,
         mesh=mesh,
+        decode_phases=1 if stops else options.decode_phases,
     )
     if multihost(mesh):
         # This process's rows only (the outputs are global arrays).

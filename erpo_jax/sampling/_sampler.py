@@ -17,6 +17,7 @@ recompile; ``top_k``, greedy-or-not and which truncations are active do.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -89,6 +90,43 @@ class _Static(NamedTuple):
     reft_top_n: int
     reft_k: int
     mesh: Any = None  # jax.sharding.Mesh: rows over (data, fsdp), KV heads over tensor
+    decode_phases: int = 1  # decode loops over a cache grown between them (_phases)
+
+
+def _phases(static: _Static, markers: int) -> list[tuple[int, int]]:
+    """``[(end step, cache slots)]``: the decode loop in ``static.decode_phases`` parts.
+
+    The decode steps ``markers + 1 .. T - 1`` split into equal ranges; the
+    phase ending before step ``end`` needs the prompt's ``S`` slots and
+    ``end - 1`` more (step ``t`` writes slot ``S + t - 1``), so its cache
+    has ``S + end - 1`` of the ``S + T - 1`` slots and attention reads no
+    slot the phase cannot have filled. One phase is one loop over the
+    whole cache.
+    """
+    t_max, c = static.max_new_tokens, static.cache_length
+    s = c - t_max + 1
+    first = markers + 1
+    n = max(1, min(static.decode_phases, t_max - first))
+    ends = [first + -(-(t_max - first) * (i + 1) // n) for i in range(n)]
+    return [(end, min(c, s + end - 1)) for end in ends]
+
+
+def _grow(cache: KVCache, slots: int) -> KVCache:
+    """``cache`` with ``slots`` slots: new empty ones appended (none if it has them)."""
+    have = cache.max_length
+    if slots <= have:
+        return cache
+
+    def pad(x, axis):
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, slots - have)
+        return jnp.pad(x, widths)
+
+    return cache._replace(
+        k=tuple(pad(x, 3) for x in cache.k),
+        v=tuple(pad(x, 2) for x in cache.v),
+        mask=pad(cache.mask, 1),
+    )
 
 
 def _constrain(state: _LoopState, mesh: Any) -> _LoopState:
@@ -211,6 +249,7 @@ def _prefill(graphdef, params, tokens, mask, keys, dyn: _Dynamic, *, static: _St
         tokens = jnp.concatenate([tokens, jnp.broadcast_to(dyn.marker, (b, m))], axis=1)
         mask = jnp.concatenate([mask, jnp.ones((b, m), bool)], axis=1)
     share = static.prefix_group
+    slots = _phases(static, m)[0][1]  # the first decode phase's cache
     if share > 1:
         # Each prompt is prefilled once and its cache broadcast to its rows.
         # Rows are prompt-major: [P * G] -> [P, G] and take member 0 (a slice
@@ -226,7 +265,7 @@ def _prefill(graphdef, params, tokens, mask, keys, dyn: _Dynamic, *, static: _St
         hidden, cache = model.extend(
             one_per_prompt(tokens),
             one_per_prompt(mask),
-            model.init_cache(b // share, static.cache_length),
+            model.init_cache(b // share, slots),
             use_lora=static.use_lora,
             fresh=True,
         )
@@ -236,7 +275,7 @@ def _prefill(graphdef, params, tokens, mask, keys, dyn: _Dynamic, *, static: _St
         hidden, cache = model.extend(
             tokens,
             mask,
-            model.init_cache(b, static.cache_length),
+            model.init_cache(b, slots),
             use_lora=static.use_lora,
             fresh=True,
         )
@@ -285,11 +324,9 @@ def _decode(graphdef, params, state: _LoopState, keys, stop_at, dyn: _Dynamic, *
     model = nnx.merge(graphdef, params)
     # Made once, outside the loop: inside it XLA would copy every layer's
     # weights out of the stacked arrays and recompute RoPE's sines and
-    # cosines per use, at every step.
-    consts = model.decode_consts(state.cache.max_length)
-
-    def cond(st: _LoopState):
-        return (st.step < stop_at) & ~jnp.all(st.done)
+    # cosines per use, at every step. The RoPE table covers the whole cache
+    # (a row's position never reaches its slot count).
+    consts = model.decode_consts(static.cache_length)
 
     def body(st: _LoopState):
         logits, cache = model.decode_step(
@@ -301,7 +338,17 @@ def _decode(graphdef, params, state: _LoopState, keys, stop_at, dyn: _Dynamic, *
             _write(st, st.step, stats, ~st.done, dyn.eos_ids, static.pad_id), static.mesh
         )
 
-    return jax.lax.while_loop(cond, body, state)
+    # With decode_phases > 1, one loop per phase over a cache grown between
+    # them, so that early steps attend to fewer empty slots.
+    for end, slots in _phases(static, dyn.marker.shape[0]):
+        state = _constrain(state._replace(cache=_grow(state.cache, slots)), static.mesh)
+        until = jnp.minimum(stop_at, end)
+
+        def cond(st: _LoopState, until=until):
+            return (st.step < until) & ~jnp.all(st.done)
+
+        state = jax.lax.while_loop(cond, body, state)
+    return state
 
 
 def _finish(state: _LoopState, cut, *, pad_id: int) -> SampleOutput:
@@ -468,6 +515,7 @@ def sample(
     use_lora: bool = True,
     share_prefix: bool = True,
     mesh: Any = None,
+    decode_phases: int = 1,
 ) -> SampleOutput:
     """Samples ``max_new_tokens`` per row with a KV cache; returns tokens, logp, entropy, mask.
 
@@ -552,6 +600,16 @@ def sample(
         split across the processes. The rows of process ``i`` are global
         rows ``[i * B_local, (i + 1) * B_local)``; one ``key`` is split over
         all ``B`` rows. Every process must call ``sample`` together.
+      decode_phases: run the decode loop in this many parts over a KV cache
+        grown between them, each part's cache holding only the slots its
+        steps can fill, so early steps attend to fewer empty slots. The
+        outputs are the same to float rounding. It costs compile time
+        (one loop per part) and, at each change, the old and the new cache
+        at once (up to about twice the cache's memory). On the 2-core Xeon
+        with the tiny-Qwen3 rollout (32 + 128 tokens), 8 parts decoded
+        12-17% more tokens/s for 4.5-5 s more compile time. 1 (the
+        default): one loop over the whole cache. Not with ``stop_strings``
+        (whose host checks split the loop themselves).
 
     Returns:
       :class:`SampleOutput` with ``[B, T]`` arrays and ``lengths [B]``;
@@ -618,6 +676,13 @@ def sample(
         stop_check_every = _positive_int("stop_check_every", stop_check_every)
         if not stop_strings:
             stop_strings = None
+
+    decode_phases = _positive_int("decode_phases", decode_phases)
+    if decode_phases > 1 and stop_strings is not None:
+        raise ValueError(
+            f"sample: decode_phases={decode_phases} needs stop_strings=None (the stop-string "
+            "checks split the decode loop on the host); use decode_phases=1 with stop_strings"
+        )
 
     if first_token not in (None, "reft"):
         raise ValueError(f"sample: first_token must be None or 'reft', got {first_token!r}")
@@ -714,6 +779,7 @@ def sample(
         reft_top_n=int(reft_top_n) if reft_group else 0,
         reft_k=int(reft_k) if reft_group else 0,
         mesh=mesh,
+        decode_phases=decode_phases,
     )
     dyn = _Dynamic(
         temperature=jnp.asarray(1.0 if greedy else temperature, jnp.float32),
@@ -725,7 +791,10 @@ def sample(
     state = _prefill_jit(graphdef, params, tokens, mask, keys, dyn, static=static)
     cut = np.full(b_local, -1, np.int32)  # this process's rows
     if stop_strings is None:
-        state = _decode_jit(graphdef, params, state, keys, np.int32(t_max), dyn, static=static)
+        with warnings.catch_warnings():
+            if decode_phases > 1:  # a later phase's larger cache cannot reuse the donated one
+                warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+            state = _decode_jit(graphdef, params, state, keys, np.int32(t_max), dyn, static=static)
     else:
         # Each process matches its own rows; the loop goes on until every row
         # of every process is done (one replicated flag), in lockstep.

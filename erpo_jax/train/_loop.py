@@ -306,6 +306,7 @@ def _sampling_options(cfg: RunConfig, marker: tuple[int, ...]):
         reft_k=r.reft_k,
         reft_marker=marker,
         stop_check_every=r.stop_check_every,
+        decode_phases=r.decode_phases,
     )
 
 

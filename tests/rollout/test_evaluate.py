@@ -14,6 +14,7 @@ import math
 from collections import Counter
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -427,3 +428,22 @@ def test_evaluate_on_a_mesh_gives_the_same_samples(loaded):
     assert [key(r) for r in sharded.samples] == [key(r) for r in plain.samples]
     for field in ("pass_at_1_greedy", "pass_at_1_sampled", "pass_at_k"):
         assert sharded.summary[field] == plain.summary[field], field
+
+
+def test_generate_with_decode_phases_matches_one_loop_and_yields_to_stop_strings(loaded):
+    """rollout.decode_phases reaches the sampler through SamplingOptions: the same
+    rollout as one decode loop; with the task's stop strings it is 1 (no error)."""
+    from erpo_jax.rollout import SamplingOptions, generate, problem_keys
+
+    model, tokenizer = loaded
+    problems = generate_countdown(2, seed=3)
+    kw = dict(group_size=2, eos_ids=EOS_IDS, pad_id=0)
+    keys = problem_keys(jax.random.key(0), [0, 1])
+    for task in (make_task("countdown"), make_task("countdown", stop_strings=("=",))):
+        one = generate(model, tokenizer, task, problems, keys,
+                       options=SamplingOptions(max_new_tokens=T), **kw)  # fmt: skip
+        phased = generate(model, tokenizer, task, problems, keys,
+                          options=SamplingOptions(max_new_tokens=T, decode_phases=3), **kw)  # fmt: skip
+        np.testing.assert_array_equal(np.asarray(phased.tokens), np.asarray(one.tokens))
+        np.testing.assert_array_equal(np.asarray(phased.mask), np.asarray(one.mask))
+        assert phased.texts == one.texts

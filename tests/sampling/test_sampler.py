@@ -285,3 +285,71 @@ def test_decode_loop_hoists_layer_slices_and_rope_out_of_the_loop(model, h, monk
     assert not {e.primitive.name for e in equations(body)} & {"cos", "sin"}, (
         "the loop body computes RoPE angles"
     )
+
+
+def _decode_jaxprs(monkeypatch):
+    """Records the jaxpr of every decode call ``sample`` makes (as traced, pre-XLA)."""
+    from erpo_jax.sampling import _sampler
+
+    seen = []
+    original = _sampler._decode_jit
+
+    def spy(graphdef, params, state, keys, stop_at, dyn, *, static):
+        fn = lambda p, s: _sampler._decode(graphdef, p, s, keys, stop_at, dyn, static=static)
+        seen.append(jax.make_jaxpr(fn)(params, state))
+        return original(graphdef, params, state, keys, stop_at, dyn, static=static)
+
+    monkeypatch.setattr(_sampler, "_decode_jit", spy)
+    return seen
+
+
+def test_decode_phases_give_the_same_samples_on_a_growing_cache(model, h, monkeypatch):
+    """decode_phases=3: three loops, each over a cache of the slots its steps can
+    fill; the samples equal one loop's (EOS ending rows early, shared prefill)."""
+    prompt, prompt_mask = h.left_padded(13, b=3)  # 7 prompt slots (bucketed to 8)
+    g = 2
+    rows, row_mask = np.repeat(prompt, g, axis=0), np.repeat(prompt_mask, g, axis=0)
+    t = 13
+    kw = dict(max_new_tokens=t, temperature=1.0, eos_ids=(5, 6, 7), group_size=g)
+    seen = _decode_jaxprs(monkeypatch)
+    one = sample(model, rows, row_mask, h.key(5), **kw)
+    three = sample(model, rows, row_mask, h.key(5), decode_phases=3, **kw)
+    np.testing.assert_array_equal(np.asarray(three.tokens), np.asarray(one.tokens))
+    np.testing.assert_array_equal(np.asarray(three.mask), np.asarray(one.mask))
+    np.testing.assert_allclose(np.asarray(three.logp), np.asarray(one.logp), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(three.entropy), np.asarray(one.entropy), atol=1e-6)
+    logp, _ = h.reference_stats(model, rows, row_mask, three, 1.0)
+    m = np.asarray(three.mask)
+    np.testing.assert_allclose(np.asarray(three.logp)[m], logp[m], atol=2e-5)
+
+    # Prompt width S = 8, C = S + T - 1 = 20 slots. Steps 1..12 in three
+    # parts end before steps 5, 9 and 13: caches of S + end - 1 slots.
+    def cache_slots(jaxpr):
+        loops = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "while"]
+        # The loop carries the per-layer keys [B, K, H, slots].
+        return [
+            {v.aval.shape[-1] for v in e.params["body_jaxpr"].jaxpr.invars if v.aval.ndim == 4}
+            for e in loops
+        ]
+
+    first, phased = seen
+    assert len(cache_slots(first)) == 1 and 20 in cache_slots(first)[0]
+    assert [20 in s for s in cache_slots(phased)] == [False, False, True]
+    assert [12 in s for s in cache_slots(phased)] == [True, False, False]
+    assert [16 in s for s in cache_slots(phased)] == [False, True, False]
+
+
+def test_decode_phases_are_checked(model, h):
+    prompt, prompt_mask = h.left_padded(14)
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match="decode_phases must be a positive int"):
+            sample(model, prompt, prompt_mask, h.key(0), max_new_tokens=4, decode_phases=bad)
+    with pytest.raises(ValueError, match=r"decode_phases=2 needs stop_strings=None"):
+        sample(
+            model, prompt, prompt_mask, h.key(0), max_new_tokens=4, decode_phases=2,
+            stop_strings=("x",), tokenizer=object(),
+        )  # fmt: skip
+    # More parts than decode steps: one step each.
+    out = sample(model, prompt, prompt_mask, h.key(0), max_new_tokens=3, decode_phases=50)
+    ref = sample(model, prompt, prompt_mask, h.key(0), max_new_tokens=3)
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
