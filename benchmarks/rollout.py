@@ -12,6 +12,9 @@ erpo_jax and by Tunix), float32, on CPU, with the same thread count:
    and its KV cache broadcast to its ``G`` rows;
 2. ``erpo_jax-no-prefix-sharing``: the same call with ``share_prefix=False``
    (all ``P * G`` rows prefilled; same outputs), to show what sharing gains;
+   ``erpo_jax-decode-phases-N`` (``--decode-phases N``, default 8; 1 skips
+   it): the same call with ``decode_phases=N``, the opt-in decode loop over
+   a growing cache (same outputs);
 3. ``transformers`` ``generate(..., num_return_sequences=G,
    output_logits=True)`` plus a log-softmax over the stacked logits for the
    entropies (timed with the generation);
@@ -85,6 +88,13 @@ def _parse(argv=None):
         default=_DEFAULT_TUNIX_PYTHON if os.path.exists(_DEFAULT_TUNIX_PYTHON) else None,
         help="python of an environment with google-tunix (default: .venv-tunix/bin/python "
         "when it exists); 'none' skips Tunix",
+    )
+    p.add_argument(
+        "--decode-phases",
+        type=int,
+        default=8,
+        help="also time erpo_jax with sample(decode_phases=N) (impl erpo_jax-decode-phases-N); "
+        "1 skips that row",
     )
     p.add_argument("--worker-checkpoint", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -331,7 +341,7 @@ def main():
         np.save(os.path.join(ckpt, "prompts.npy"), prompts)
         grouped = repeat_for_groups(prompts, mask, jax.random.key(0), group_size=g)
 
-        def ours(share_prefix: bool):
+        def ours(share_prefix: bool, phases: int = 1):
             def call():
                 out = sample(
                     model,
@@ -343,6 +353,7 @@ def main():
                     eos_ids=(),
                     group_size=g,
                     share_prefix=share_prefix,
+                    decode_phases=phases,
                 )
                 return jax.block_until_ready(out)
 
@@ -351,8 +362,11 @@ def main():
         # Blocks, not alternation: torch's OpenMP workers spin after each call and
         # would steal cores from XLA's pool if the two were interleaved call by call.
         shared_out = None
-        for impl, share in (("erpo_jax", True), ("erpo_jax-no-prefix-sharing", False)):
-            fn = ours(share)
+        runs = [("erpo_jax", True, 1), ("erpo_jax-no-prefix-sharing", False, 1)]
+        if args.decode_phases > 1:
+            runs.append((f"erpo_jax-decode-phases-{args.decode_phases}", True, args.decode_phases))
+        for impl, share, phases in runs:
+            fn = ours(share, phases)
             t0 = time.perf_counter()
             out = fn()
             first_s = time.perf_counter() - t0
@@ -361,7 +375,7 @@ def main():
             extra = {}
             if shared_out is None:
                 shared_out = out
-            else:  # same keys: the same completions up to float rounding in the prefill
+            else:  # same keys: the same completions up to float rounding
                 extra["tokens_equal_to_shared"] = float(
                     np.mean(np.asarray(out.tokens) == np.asarray(shared_out.tokens))
                 )
@@ -405,6 +419,10 @@ def main():
     ours_s = secs["erpo_jax"]
     summary = {"bench": "rollout", "impl": "ratio"}
     summary["prefix_sharing_speedup"] = secs["erpo_jax-no-prefix-sharing"] / ours_s
+    phased = f"erpo_jax-decode-phases-{args.decode_phases}"
+    if phased in secs:
+        summary["decode_phases_speedup"] = ours_s / secs[phased]
+        summary["decode_phases_vs_transformers"] = secs[hf_impl] / secs[phased]
     summary["speedup_vs_transformers"] = secs[hf_impl] / ours_s
     summary["target_vs_transformers"] = 3.0
     if "tunix" in secs:

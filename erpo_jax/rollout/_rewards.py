@@ -488,6 +488,9 @@ class RewardPool:
                     position, started = worker.running()
                     if worker.dead:
                         if worker.items:
+                            # Its pipe can close before the process is reaped:
+                            # wait for that (briefly), so the exit code is known.
+                            worker.process.join(timeout=1.0)
                             # The sample it was on killed it; the ones before it
                             # finished, but their results died with the worker.
                             failures[worker.items[position]] = (
