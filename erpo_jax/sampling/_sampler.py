@@ -607,7 +607,7 @@ def sample(
         (one loop per part) and, at each change, the old and the new cache
         at once (up to about twice the cache's memory). On the 2-core Xeon
         with the tiny-Qwen3 rollout (32 + 128 tokens), 8 parts decoded
-        12-17% more tokens/s for 4.5-5 s more compile time. 1 (the
+        10-15% more tokens/s for 4.4-5.1 s more compile time. 1 (the
         default): one loop over the whole cache. Not with ``stop_strings``
         (whose host checks split the loop themselves).
 

@@ -251,42 +251,6 @@ def test_group_size_needs_groups_of_one_prompt(model, h):
         sample(model, prompt, prompt_mask, h.key(0), max_new_tokens=4, group_size=3)
 
 
-def test_decode_loop_hoists_layer_slices_and_rope_out_of_the_loop(model, h, monkeypatch):
-    """The decode ``while_loop`` body gets per-layer weights and a RoPE table from outside.
-
-    XLA does not hoist these out of a ``while_loop`` itself: a body that
-    slices the stacked ``[L, ...]`` parameters copies every weight at every
-    step, and one that computes ``cos``/``sin`` recomputes them per use
-    (together about 2.5 of 19 ms per step of the tiny Qwen3 rollout,
-    measured on the 2-core Xeon).
-    """
-    from erpo_jax.sampling import _sampler
-
-    seen = []
-    original = _sampler._decode_jit
-
-    def spy(graphdef, params, state, keys, stop_at, dyn, *, static):
-        fn = lambda p, s: _sampler._decode(graphdef, p, s, keys, stop_at, dyn, static=static)
-        seen.append(jax.make_jaxpr(fn)(params, state))
-        return original(graphdef, params, state, keys, stop_at, dyn, static=static)
-
-    monkeypatch.setattr(_sampler, "_decode_jit", spy)
-    prompt, prompt_mask = h.left_padded(0)
-    sample(model, prompt, prompt_mask, h.key(0), max_new_tokens=T, eos_ids=())
-    assert len(seen) == 1
-    loops = [e for e in seen[0].jaxpr.eqns if e.primitive.name == "while"]
-    assert len(loops) == 1
-    body = loops[0].params["body_jaxpr"].jaxpr
-    num_layers = model.config.num_layers
-    stacked = {tuple(a.shape) for a in model.layers.arrays().values()}
-    assert all(s[0] == num_layers for s in stacked)
-    body_inputs = {tuple(v.aval.shape) for v in body.invars}
-    assert not body_inputs & stacked, "the loop body receives stacked [L, ...] parameters"
-    assert not {e.primitive.name for e in equations(body)} & {"cos", "sin"}, (
-        "the loop body computes RoPE angles"
-    )
-
-
 def _decode_jaxprs(monkeypatch):
     """Records the jaxpr of every decode call ``sample`` makes (as traced, pre-XLA)."""
     from erpo_jax.sampling import _sampler
@@ -301,6 +265,32 @@ def _decode_jaxprs(monkeypatch):
 
     monkeypatch.setattr(_sampler, "_decode_jit", spy)
     return seen
+
+
+def test_decode_loop_hoists_layer_slices_and_rope_out_of_the_loop(model, h, monkeypatch):
+    """The decode ``while_loop`` body gets per-layer weights and a RoPE table from outside.
+
+    XLA does not hoist these out of a ``while_loop`` itself: a body that
+    slices the stacked ``[L, ...]`` parameters copies every weight at every
+    step, and one that computes ``cos``/``sin`` recomputes them per use
+    (together about 2.5 of 19 ms per step of the tiny Qwen3 rollout,
+    measured on the 2-core Xeon).
+    """
+    seen = _decode_jaxprs(monkeypatch)
+    prompt, prompt_mask = h.left_padded(0)
+    sample(model, prompt, prompt_mask, h.key(0), max_new_tokens=T, eos_ids=())
+    assert len(seen) == 1
+    loops = [e for e in seen[0].jaxpr.eqns if e.primitive.name == "while"]
+    assert len(loops) == 1
+    body = loops[0].params["body_jaxpr"].jaxpr
+    num_layers = model.config.num_layers
+    stacked = {tuple(a.shape) for a in model.layers.arrays().values()}
+    assert all(s[0] == num_layers for s in stacked)
+    body_inputs = {tuple(v.aval.shape) for v in body.invars}
+    assert not body_inputs & stacked, "the loop body receives stacked [L, ...] parameters"
+    assert not {e.primitive.name for e in equations(body)} & {"cos", "sin"}, (
+        "the loop body computes RoPE angles"
+    )
 
 
 def test_decode_phases_give_the_same_samples_on_a_growing_cache(model, h, monkeypatch):
