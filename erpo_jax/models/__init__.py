@@ -6,7 +6,9 @@ One :class:`Decoder` covers all families; they differ by
 ``model.hidden_states`` and ``model.unembedding()`` feed
 ``erpo_jax.ops.token_logp_and_entropy``; ``model.prefill`` /
 ``model.decode_step`` drive a sampler on a fixed-size :class:`KVCache`
-(with ``model.decode_consts``, made once outside the decode loop).
+(with ``model.decode_consts``, made once outside the decode loop);
+``share_kv_prefix`` turns a cache of ``P`` prompts into one for their
+``P * G`` continuations that stores and reads each prompt once.
 """
 
 from erpo_jax.models.checkpoint import (
@@ -19,7 +21,7 @@ from erpo_jax.models.checkpoint import (
 from erpo_jax.models.config import PRESETS, SUPPORTED_MODEL_TYPES, ModelConfig, RopeScaling
 from erpo_jax.models.decoder import COMPUTE_DTYPES, DecodeConsts, Decoder, positions_from_mask
 from erpo_jax.models.eos import END_OF_TURN_TOKENS, resolve_eos_ids
-from erpo_jax.models.kv_cache import KVCache, init_kv_cache
+from erpo_jax.models.kv_cache import KVCache, SharedPrefix, init_kv_cache, share_kv_prefix
 from erpo_jax.models.lora import LORA_TARGETS, add_lora, merge_lora
 from erpo_jax.models.scoring import completion_hidden_states, score_completions
 
@@ -34,6 +36,7 @@ __all__ = [
     "KVCache",
     "ModelConfig",
     "RopeScaling",
+    "SharedPrefix",
     "add_lora",
     "checkpoint_dir",
     "completion_hidden_states",
@@ -46,4 +49,5 @@ __all__ = [
     "resolve_eos_ids",
     "save_hf_checkpoint",
     "score_completions",
+    "share_kv_prefix",
 ]

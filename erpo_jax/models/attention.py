@@ -16,6 +16,14 @@ one:
   ``q_slots = arange(S)``; a cached extend has ``cache.index + arange(S)``.
 - ``kv_mask [B, C]`` bool: which slots hold real tokens (left padding,
   unwritten cache slots are False).
+- ``prefix`` (optional): a shared prefix ``(k [P, K, H, S_p], v [P, K,
+  S_p, H], mask [P, S_p])`` of ``P`` prompts (a
+  :class:`~erpo_jax.models.kv_cache.SharedPrefix` layer) that row ``b``
+  sees before its ``C`` slots, every real prefix slot visible to every
+  query; row ``b`` belongs to prompt ``b // (B / P)``. Each prompt's keys
+  and values are read once for its ``B / P`` rows, whatever ``impl``
+  (:func:`_shared_prefix_attention`; a decode step is memory-bound, so
+  this reads ``G`` times fewer prefix bytes than a copied prompt would).
 
 A query with no visible key (a padding position) attends uniformly over all
 ``C`` slots; its output is finite and meaningless, as the reference's is.
@@ -130,6 +138,7 @@ def attention(
     v: Float[Array, "B K C H"],
     q_slots: Int[Array, " S"],
     kv_mask: Bool[Array, "B C"],
+    prefix: tuple[Array, Array, Array] | None = None,
     *,
     impl: str = "xla",
     block_size: int = 512,
@@ -148,6 +157,7 @@ def attention(
       mesh: the ``(data, fsdp, tensor)`` mesh the activations are sharded
         over; ``splash`` runs per device under ``shard_map`` on it.
       keys_transposed: ``k`` is ``[B, K, H, C]``, a KV cache's layout.
+      prefix: see the module docstring; ``impl`` is then not used.
     """
     s, n, h = q.shape[1], q.shape[2], q.shape[3]
     kh, c = v.shape[1], v.shape[2]
@@ -159,6 +169,8 @@ def attention(
             f"attention: keys of shape {k.shape} do not match values {v.shape} "
             f"(keys_transposed={keys_transposed}: expected {want})"
         )
+    if prefix is not None:
+        return _shared_prefix_attention(q, k, v, q_slots, kv_mask, prefix, keys_transposed)
     impl = resolve_attention_impl(impl, s=s, c=c, dtype=q.dtype, head_dim=h)
     if impl == "xla":
         return _xla(q, k, v, q_slots, kv_mask, keys_transposed)
@@ -239,6 +251,69 @@ def _xla_decode_cpu(q, k, v, q_slots, kv_mask, keys_transposed=False):
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.sum(probs[..., None] * v[:, :, None].astype(jnp.float32), axis=-2)  # [B, K, G, H]
     return out.astype(v.dtype).reshape(b, 1, n * h)
+
+
+def _shared_prefix_attention(q, k, v, q_slots, kv_mask, prefix, keys_transposed):
+    """Attention over a shared prefix (once per prompt) and each row's own slots.
+
+    One softmax over both parts, computed in two: each part's float32
+    scores, one maximum and denominator over their union, and the two
+    probability-weighted sums of values added. The prefix part batches a
+    prompt's ``G`` rows (times the query heads of a key head) into one
+    ``[G * N/K * S, H] x [H, S_p]`` product per prompt and key head, so its
+    keys and values are read once per prompt. The own part is as ``_xla``
+    (on CPU a decode step's fused multiply-reduce loops).
+    """
+    pk, pv, pmask = prefix
+    b, s, n, h = q.shape
+    kh, c = v.shape[1], v.shape[2]
+    p, sp = pv.shape[0], pv.shape[2]
+    if b % p or pk.shape != (p, kh, h, sp) or pmask.shape != (p, sp):
+        raise ValueError(
+            f"attention: a shared prefix of keys {pk.shape}, values {pv.shape} and mask "
+            f"{pmask.shape} does not fit {b} rows of {kh} key heads of width {h} (expected "
+            f"keys [P, {kh}, {h}, S], values [P, {kh}, S, {h}], mask [P, S], P dividing {b})"
+        )
+    g = b // p
+    rows = (n // kh) * s  # query rows per key head of one row
+    scale = 1.0 / math.sqrt(h)
+    prec = matmul_precision(q.dtype)
+    if not keys_transposed:
+        k = jnp.swapaxes(k, 2, 3)
+    qg = _group(q, kh)  # [B, K, R, H]
+    if s == 1 and jax.default_backend() == "cpu":  # as _xla_decode_cpu
+        own = jnp.sum(qg.astype(jnp.float32)[..., None] * k[:, :, None].astype(jnp.float32), -2)
+    else:
+        own = jnp.einsum("bkrh,bkhc->bkrc", qg, k, preferred_element_type=jnp.float32,
+                         precision=prec)  # fmt: skip
+    allowed = _allowed(q_slots, kv_mask, jnp.arange(c))  # [B, S, C]
+    allowed = jnp.broadcast_to(allowed[:, None, None], (b, 1, n // kh, s, c)).reshape(b, 1, rows, c)
+    own = jnp.where(allowed, own * scale, _NEG)  # [B, K, R, C]
+
+    def to_prompts(x):  # [B, K, R, ...] -> [P, K, G * R, ...]
+        x = x.reshape(p, g, kh, rows, *x.shape[3:])
+        return jnp.swapaxes(x, 1, 2).reshape(p, kh, g * rows, *x.shape[4:])
+
+    def to_rows(x):  # [P, K, G * R, ...] -> [B, K, R, ...]
+        x = x.reshape(p, kh, g, rows, *x.shape[3:])
+        return jnp.swapaxes(x, 1, 2).reshape(b, kh, rows, *x.shape[4:])
+
+    pre = jnp.einsum("pkrh,pkhs->pkrs", to_prompts(qg), pk, preferred_element_type=jnp.float32,
+                     precision=prec)  # fmt: skip
+    pre = jnp.where(pmask[:, None, None, :], pre * scale, _NEG)  # [P, K, G * R, S_p]
+    top = jnp.maximum(jnp.max(own, axis=-1), to_rows(jnp.max(pre, axis=-1)))  # [B, K, R]
+    e_own = jnp.exp(own - top[..., None])
+    e_pre = jnp.exp(pre - to_prompts(top)[..., None])
+    denom = jnp.sum(e_own, axis=-1) + to_rows(jnp.sum(e_pre, axis=-1))
+    if s == 1 and jax.default_backend() == "cpu":
+        out = jnp.sum(e_own[..., None] * v[:, :, None].astype(jnp.float32), axis=-2)
+    else:
+        out = jnp.einsum("bkrc,bkch->bkrh", e_own.astype(v.dtype), v,
+                         preferred_element_type=jnp.float32, precision=prec)  # fmt: skip
+    out_pre = jnp.einsum("pkrs,pksh->pkrh", e_pre.astype(pv.dtype), pv,
+                         preferred_element_type=jnp.float32, precision=prec)  # fmt: skip
+    out = (out + to_rows(out_pre)) / denom[..., None]
+    return _ungroup(out.astype(v.dtype), s)
 
 
 # ---------------------------------------------------------------- chunked

@@ -245,7 +245,8 @@ def _block(p, x, cos, sin, visible, kv, *, config, dtype, use_lora, lora_scale, 
            gather=None):  # fmt: skip
     """One decoder block on ``x [B, S, D]``.
 
-    ``visible`` is ``(q_slots [S], kv_mask [B, C])`` (see
+    ``visible`` is ``(q_slots [S], kv_mask [B, C])``, plus a shared
+    prefix's ``(k, v, mask)`` for a cache that has one (see
     :mod:`erpo_jax.models.attention`). ``kv`` is ``None`` (attend within
     ``x``) or a function ``kv(k, v)`` that stores this block's new keys and
     values in the cache and returns the ``(k, v)`` to attend to. ``gather``
@@ -530,9 +531,11 @@ class Decoder(nnx.Module):
 
         The tokens go to slots ``cache.index .. cache.index + S - 1`` of every
         row; each attends to the valid cached slots and to the new tokens up to
-        itself. Positions continue from ``cache.positions`` counting only
-        tokens with ``mask`` True. The caller keeps ``cache.index + S <=
-        cache.max_length`` (``dynamic_update_slice`` would clamp silently).
+        itself (and first to a shared prefix's real slots, for a cache made
+        by :func:`~erpo_jax.models.share_kv_prefix`). Positions continue from
+        ``cache.positions`` counting only tokens with ``mask`` True. The caller
+        keeps ``cache.index + S <= cache.max_length`` (``dynamic_update_slice``
+        would clamp silently).
 
         Args:
           tokens: ``[B, S]`` ids (a left-padded prompt, or one new token per row).
@@ -564,11 +567,16 @@ class Decoder(nnx.Module):
         mask = mask.astype(bool)
         positions = cache.positions[:, None] + positions_from_mask(mask)
         positions = jnp.where(mask, positions, 0)
-        if consts is not None and consts.cos.shape[0] < cache.max_length:
+        total = cache.prefix_length + cache.max_length
+        if consts is not None and consts.cos.shape[0] < total:
             raise ValueError(
                 f"extend: consts are for a cache of {consts.cos.shape[0]} slots, the cache has "
-                f"{cache.max_length}; make them with decode_consts(max_length={cache.max_length}) "
-                "(or longer)"
+                f"{total}; make them with decode_consts(max_length={total}) (or longer)"
+            )
+        if fresh and cache.prefix is not None:
+            raise ValueError(
+                "extend: fresh=True is for an empty cache, and this one has a shared prefix "
+                "(share_kv_prefix); extend it with fresh=False"
             )
         slot_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, cache.index))
         if fresh:
@@ -580,7 +588,7 @@ class Decoder(nnx.Module):
             x,
             positions,
             visible,
-            (cache.k, cache.v, cache.index),
+            (cache.k, cache.v, cache.index, cache.prefix),
             use_lora=use_lora,
             fresh=fresh,
             consts=consts,
@@ -592,6 +600,7 @@ class Decoder(nnx.Module):
             mask=slot_mask,
             positions=cache.positions + jnp.sum(mask, axis=-1, dtype=jnp.int32),
             index=cache.index + s,
+            prefix=cache.prefix,
         )
         return hidden, new_cache
 
@@ -707,7 +716,8 @@ class Decoder(nnx.Module):
         )
 
     def _run_layers(self, x, positions, visible, cache, *, use_lora, fresh=False, consts=None):
-        """All blocks; ``cache`` is None or ``(k, v, index)`` with per-layer tuples ``k``, ``v``.
+        """All blocks; ``cache`` is None or ``(k, v, index, prefix)`` with per-layer tuples
+        ``k``, ``v`` and a :class:`SharedPrefix` or None.
 
         ``fresh``: attend to the new keys only (the cache is empty before them).
         ``consts``: :meth:`decode_consts` for the cache, or None.
@@ -727,8 +737,10 @@ class Decoder(nnx.Module):
             use_lora=use_lora, gather=unpin, keys_transposed=cache is not None and not fresh
         )
 
-        def layer(p, x, cache_k, cache_v):
-            """A block; this layer's ``cache_k [B, K, H, C]``, ``cache_v [B, K, C, H]``; or None."""
+        def layer(p, x, cache_k, cache_v, prefix=None):
+            """A block; this layer's ``cache_k [B, K, H, C]``, ``cache_v [B, K, C, H]``; or None.
+
+            ``prefix``: this layer's shared-prefix ``(k, v, mask)``, or None."""
             kv = None
             if cache_k is not None:
                 index = cache[2]
@@ -744,7 +756,8 @@ class Decoder(nnx.Module):
                         return k.astype(cache_k.dtype), v.astype(cache_v.dtype)
                     return cache_k, cache_v
 
-            x = block(p, x, cos, sin, visible, kv)
+            vis = visible if prefix is None else (*visible, prefix)
+            x = block(p, x, cos, sin, vis, kv)
             return x, cache_k, cache_v
 
         if self.remat:
@@ -758,9 +771,11 @@ class Decoder(nnx.Module):
         # and split the per-layer caches (a full copy) at every decode step.
         layers = _layer_slices(params, num_layers) if consts is None else consts.layers
         new_k, new_v = [], []
+        shared = None if cache is None else cache[3]
         for i, p in enumerate(layers):
             ck, cv = (None, None) if cache is None else (cache[0][i], cache[1][i])
-            x, ck, cv = layer(p, x, ck, cv)
+            pre = None if shared is None else (shared.k[i], shared.v[i], shared.mask)
+            x, ck, cv = layer(p, x, ck, cv, pre)
             x = pin(x)
             new_k.append(ck)
             new_v.append(cv)

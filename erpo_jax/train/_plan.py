@@ -309,16 +309,30 @@ def head_logits_bytes(
     return -(-micro_rows // row_shards) * positions * vocab * 4
 
 
-def kv_cache_bytes(config: Any, *, batch: int, slots: int, dtype: str, row_shards: int) -> int:
+def kv_cache_bytes(
+    config: Any,
+    *,
+    batch: int,
+    slots: int,
+    dtype: str,
+    row_shards: int,
+    shared_prefix: int = 0,
+    group_size: int = 1,
+) -> int:
     """Per-device bytes of the sampler's KV cache with its rows sharded over ``row_shards``.
 
     Per layer a k ``[B, K, H, C]`` and a v ``[B, K, C, H]`` in the compute dtype:
-    ``2 * L * (B / row_shards) * K * C * H * itemsize(dtype)``.
+    ``2 * L * (B / row_shards) * K * C * H * itemsize(dtype)``. With a
+    ``shared_prefix`` of that many of the ``C`` slots (the prompt, stored once
+    per group of ``group_size`` rows: ``sample(..., group_size=G)``), the rows
+    hold ``C - shared_prefix`` slots each and the ``B / G`` prompts the prefix.
     """
     import numpy as np
 
     rows = -(-batch // row_shards)
-    per_layer = rows * config.num_kv_heads * slots * config.head_dim
+    prompts = -(-(batch // group_size) // row_shards)
+    row_slots = rows * (slots - shared_prefix) + prompts * shared_prefix
+    per_layer = row_slots * config.num_kv_heads * config.head_dim
     return 2 * config.num_layers * per_layer * np.dtype(dtype).itemsize
 
 
@@ -472,8 +486,13 @@ def plan_memory(
     ref_bytes = _device_bytes(trainable) if loss_cfg.needs_reference and not lora else 0
     batch_bytes = _device_bytes(train_batch)
     slots = s_bucket + t - 1  # the sampler's cache: the prompt bucket and T - 1 decoded tokens
-    kv_analytic = kv_cache_bytes(config, batch=batch, slots=slots, dtype=dtype,
-                                 row_shards=row_shards)  # fmt: skip
+    # As sample(..., mesh=) does: each prompt's slots shared by its group's
+    # rows when the prompts divide over the row shards.
+    share = group if group > 1 and (batch // group) % row_shards == 0 else 1
+    kv_analytic = kv_cache_bytes(
+        config, batch=batch, slots=slots, dtype=dtype, row_shards=row_shards,
+        shared_prefix=s_bucket if share > 1 else 0, group_size=share,
+    )  # fmt: skip
     seconds: dict[str, float] = {}
     compiled: dict[str, Any] = {
         "analytic_update_arguments_gib": (params_bytes + opt_bytes + batch_bytes + 4) / GIB
@@ -507,9 +526,9 @@ def plan_memory(
         static = _sampler._Static(
             greedy=False, top_k=None, use_top_p=False, use_min_p=False, max_new_tokens=t,
             cache_length=slots, pad_id=0, use_lora=True, group_size=0,
-            # as sample(..., mesh=) does: shared prefill when the prompts divide
+            # as sample(..., mesh=) does: a shared prefix when the prompts divide
             # over the row shards, state and KV cache pinned to the mesh
-            prefix_group=group if (batch // group) % row_shards == 0 else 1,
+            prefix_group=share,
             reft_top_n=0, reft_k=0, mesh=mesh,
         )  # fmt: skip
         scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)
@@ -546,6 +565,8 @@ def plan_memory(
         prefill_mem, decode_mem = _memory(prefill), _memory(decode)
         cache = loop_state.cache
         kv_bytes = _device_bytes((cache.k, cache.v))
+        if cache.prefix is not None:
+            kv_bytes += _device_bytes((cache.prefix.k, cache.prefix.v))
         # The loop's other buffers ([B, T] tokens, log-probs, ...) count as
         # sampler memory beside the larger of the two programs' temporaries.
         sampler_other = _device_bytes(loop_state) - kv_bytes
@@ -575,6 +596,7 @@ def plan_memory(
         "prompt_bucket": s_bucket,
         "new_tokens": t,
         "cache_slots": slots,
+        "kv_shared_prefix": s_bucket if share > 1 else 0,
         "loss": loss,
         "dtype": dtype,
         "lora_rank": lora_rank,
@@ -718,7 +740,10 @@ def format_plan(plan: dict[str, Any], model_name: str, device_gib: float | None)
         row("activations/temporaries (update step)", 0.0, "not compiled")
     row("train batch", plan["batch_gib"])
     kv_note = "compiled sharding" if plan["sampler_compiled"] else "rows over data*fsdp"
-    row(f"KV cache ({plan['cache_slots']} slots, {plan['dtype']})", plan["kv_cache_gib"], kv_note)
+    shared = plan.get("kv_shared_prefix", 0)
+    shared = f", {shared} shared" if shared else ""  # the prompt, once per group
+    row(f"KV cache ({plan['cache_slots']} slots{shared}, {plan['dtype']})", plan["kv_cache_gib"],
+        kv_note)  # fmt: skip
     if plan["sampler_compiled"]:
         row("sampler temporaries (prefill, decode loop)", plan["sampler_temp_gib"], "compiled")
     else:

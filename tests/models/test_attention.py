@@ -7,6 +7,8 @@ naive NumPy softmax here.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,6 +115,107 @@ def test_keys_that_do_not_match_the_values_are_a_clear_error():
         A.attention(q, k, v, q_slots, kv_mask, keys_transposed=True)
     with pytest.raises(ValueError, match=r"expected \(2, 2, 21, 8\)"):
         A.attention(q, jnp.swapaxes(k, 2, 3), v, q_slots, kv_mask)
+
+
+def _shared_prefix_inputs(seed, p, g, s, sp, c, *, offset, scale=1.0, shift=0.0, h=8, n=4, kh=2):
+    """A shared prefix of ``sp`` slots for ``p`` prompts, ``g`` rows each, ``c`` own slots.
+
+    Prompt 0 has 2 masked leading slots, prompt 1 one real slot only, any
+    further prompt none masked. Returns the attention arguments and the
+    equivalent unshared ``[B, K, sp + c, H]`` keys and values, mask and query slots.
+    ``shift``: every query's first component is 10 and the prefix keys'
+    first component is shifted by ``shift``, so the prefix's scores sit
+    about ``10 * shift / sqrt(h)`` above (or below) the own slots', with
+    their usual spread of a few units.
+    """
+    rng = np.random.default_rng(seed)
+    b = p * g
+    q = rng.normal(size=(b, s, n, h)) * scale
+    pk, pv = rng.normal(size=(2, p, kh, sp, h))
+    if shift:
+        q[..., 0] = 10.0
+        pk[..., 0] += shift
+    k, v = rng.normal(size=(2, b, kh, c, h))
+    pmask = np.ones((p, sp), bool)
+    pmask[0, :2] = False
+    pmask[1, : sp - 1] = False
+    kv_mask = np.arange(c)[None, :] < offset + s  # written own slots
+    kv_mask = np.broadcast_to(kv_mask, (b, c)).copy()
+    kv_mask[1, 0] = False  # a masked own slot
+    q_slots = offset + np.arange(s, dtype=np.int32)
+    full_k = np.concatenate([np.repeat(pk, g, axis=0), k], axis=2)
+    full_v = np.concatenate([np.repeat(pv, g, axis=0), v], axis=2)
+    full_mask = np.concatenate([np.repeat(pmask, g, axis=0), kv_mask], axis=1)
+    args = (q, np.swapaxes(k, 2, 3), v, q_slots, kv_mask)
+    prefix = (np.swapaxes(pk, 2, 3), pv, pmask)
+    full = (q, full_k, full_v, sp + q_slots, full_mask)
+    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+
+    def cast(xs):
+        return tuple(f32(x) if x.dtype == np.float64 else jnp.asarray(x) for x in xs)
+
+    return cast(args), cast(prefix), full
+
+
+# (S, own slots, offset, query scale, prefix shift): a decode step (XLA:CPU's
+# multiply-reduce path) on a partly written cache, its first step (one own
+# slot), a cached multi-token extend (the einsum path), scores far from zero
+# (scale 100), and the prefix's scores about 210 above or below the own
+# slots' with a spread of a few units (exp over- or underflows, and the
+# prefix's weights flatten, unless both parts share one maximum).
+@pytest.mark.parametrize(
+    ("s", "c", "offset", "scale", "shift"),
+    [(1, 9, 4, 1.0, 0.0), (1, 1, 0, 1.0, 0.0), (3, 9, 2, 1.0, 0.0), (1, 9, 6, 100.0, 0.0),
+     (1, 9, 6, 1.0, 60.0), (1, 9, 6, 1.0, -60.0), (3, 9, 2, 1.0, 60.0)],
+)  # fmt: skip
+def test_shared_prefix_attention_equals_the_copied_prompt(s, c, offset, scale, shift):
+    args, prefix, full = _shared_prefix_inputs(
+        6, 3, 2, s, 7, c, offset=offset, scale=scale, shift=shift
+    )
+    want = _numpy_attention(*full)
+    got = jax.jit(A.attention, static_argnames=("impl", "keys_transposed"))(
+        *args, prefix, keys_transposed=True
+    )
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-5 * scale, rtol=1e-5)
+    # The prompt's slots matter (unless pushed far below): dropping the
+    # prefix changes the output.
+    q, kt, v, q_slots, kv_mask = (np.asarray(x) for x in args)
+    alone = _numpy_attention(q, np.swapaxes(kt, 2, 3), v, q_slots, kv_mask)
+    assert np.allclose(want, alone, atol=1e-3) == (shift < 0)
+
+
+def test_shared_prefix_attention_reads_keys_in_either_layout_and_differentiates():
+    args, prefix, full = _shared_prefix_inputs(7, 2, 3, 2, 5, 6, offset=3)
+    q, kt, v, q_slots, kv_mask = args
+    k = jnp.swapaxes(kt, 2, 3)
+
+    def f(q, k):  # [B, K, C, H] keys, as a cache-free caller passes them
+        return A.attention(q, k, v, q_slots, kv_mask, prefix)
+
+    np.testing.assert_allclose(np.asarray(jax.jit(f)(q, k)), _numpy_attention(*full), atol=2e-6)
+    w = jnp.asarray(np.random.default_rng(1).normal(size=(6, 2, 32)), jnp.float32)
+    fk, fv = (jnp.asarray(x, jnp.float32) for x in full[1:3])
+    f_slots, f_mask = full[3:]
+
+    def shared(q):
+        return jnp.sum(f(q, k) * w)
+
+    def copied(q):
+        return jnp.sum(A.attention(q, fk, fv, jnp.asarray(f_slots), jnp.asarray(f_mask)) * w)
+
+    got, want = jax.grad(shared)(q), jax.grad(copied)(q)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=5e-6)
+    assert float(jnp.abs(want).max()) > 1e-2
+
+
+def test_a_shared_prefix_that_does_not_fit_is_a_clear_error():
+    args, (pk, pv, pmask), _ = _shared_prefix_inputs(8, 3, 2, 1, 7, 9, offset=4)
+    with pytest.raises(ValueError, match=r"keys \(3, 1, 8, 7\).*expected keys \[P, 2, 8, S\]"):
+        A.attention(*args, (pk[:, :1], pv, pmask), keys_transposed=True)
+    with pytest.raises(ValueError, match=r"shared prefix of keys \(4, 2, 8, 7\).*P dividing 6"):
+        pad = ((0, 1), (0, 0), (0, 0), (0, 0))
+        A.attention(*args, (jnp.pad(pk, pad), jnp.pad(pv, pad), jnp.pad(pmask, ((0, 1), (0, 0)))),
+                    keys_transposed=True)  # fmt: skip
 
 
 @pytest.mark.parametrize(("s", "c", "offset", "block"), CASES)

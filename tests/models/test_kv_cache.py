@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from erpo_jax.models import Decoder, KVCache, ModelConfig
+from erpo_jax.models import Decoder, KVCache, ModelConfig, share_kv_prefix
 
 CONFIGS = {
     "qwen3": ModelConfig("qwen3", 61, 32, 48, 2, 4, 2, 16, qk_norm=True),
@@ -178,3 +178,67 @@ def test_decode_consts_for_another_cache_length_is_an_error():
     _, cache = _prefill(model, jnp.asarray(prompt), jnp.asarray(mask), 16)
     with pytest.raises(ValueError, match=r"decode_consts\(max_length=16\)"):
         model.decode_step(jnp.asarray(completion[:, 0]), cache, consts=model.decode_consts(12))
+
+
+def _shared_decode(graphdef, state, prompt, mask, completion, group):
+    """Prefill ``P`` prompts once, share them with ``P * group`` rows, decode ``completion``."""
+    model = nnx.merge(graphdef, state)
+    first, prompt_cache = model.prefill(prompt, mask, max_length=prompt.shape[1])
+    n = completion.shape[1]
+    cache = share_kv_prefix(prompt_cache, group, n + 1)
+    consts = model.decode_consts(prompt.shape[1] + n + 1)
+    out = []
+    for i in range(n):
+        logits, cache = model.decode_step(completion[:, i], cache, consts=consts)
+        out.append(logits)
+    return first, jnp.stack(out, axis=1), cache
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_decode_on_a_shared_prefix_equals_the_full_forward(family):
+    # Each prompt's cache stored once for its G = 2 rows: the rows' decoded
+    # logits equal the full forward of the prompt copied into every row
+    # (left padding and a one-token prompt included), and the rows of a
+    # group differ (their own tokens differ).
+    model = _model(family)
+    prompt, mask, _ = _batch()
+    group, n = 2, 4
+    completion = np.random.default_rng(3).integers(0, 61, (3 * group, n)).astype(np.int32)
+    graphdef, state = nnx.split(model)
+    run = jax.jit(_shared_decode, static_argnums=(0, 5))
+    first, decoded, cache = run(graphdef, state, prompt, mask, completion, group)
+
+    rows = np.repeat(prompt, group, axis=0)
+    row_mask = np.repeat(mask, group, axis=0)
+    tokens = np.concatenate([rows, completion], axis=1)
+    full_mask = np.concatenate([row_mask, np.ones_like(completion, bool)], axis=1)
+    full = np.asarray(_forward(model, jnp.asarray(tokens), jnp.asarray(full_mask)))
+    s = prompt.shape[1]
+    np.testing.assert_allclose(np.repeat(first, group, 0), full[:, s - 1], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(decoded, full[:, s:], atol=1e-5, rtol=1e-5)
+    assert not np.allclose(decoded[0], decoded[1], atol=1e-3)
+
+    # The prompt is stored once per prompt; each row has only its own slots.
+    assert cache.prefix.k[0].shape[0] == 3 and cache.prefix_length == s
+    assert cache.k[0].shape[0] == 3 * group and cache.max_length == n + 1
+    assert int(cache.index) == n
+    np.testing.assert_array_equal(cache.positions, full_mask.sum(-1))
+    np.testing.assert_array_equal(cache.prefix.mask, mask)
+
+
+def test_shared_prefix_bad_input_is_a_clear_error():
+    model = _model("qwen2")
+    prompt, mask, _ = _batch()
+    _, cache = _prefill(model, jnp.asarray(prompt), jnp.asarray(mask), prompt.shape[1])
+    for name, bad in (("group_size", 0), ("max_length", 2.5)):
+        args = {"group_size": 2, "max_length": 3, name: bad}
+        with pytest.raises(ValueError, match=f"{name} must be a positive int"):
+            share_kv_prefix(cache, **args)
+    shared = share_kv_prefix(cache, 2, 3)
+    with pytest.raises(ValueError, match="already has a shared prefix"):
+        share_kv_prefix(shared, 2, 3)
+    tokens = jnp.zeros((6, 1), jnp.int32)
+    with pytest.raises(ValueError, match="fresh=True is for an empty cache"):
+        model.extend(tokens, jnp.ones((6, 1), bool), shared, fresh=True)
+    with pytest.raises(ValueError, match=r"consts are for a cache of 8 slots, the cache has 9"):
+        model.decode_step(tokens[:, 0], shared, consts=model.decode_consts(8))

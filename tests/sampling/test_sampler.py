@@ -222,14 +222,38 @@ def test_second_call_with_same_shapes_does_not_recompile(model, h):
     assert compiled_cache_sizes() == before
 
 
-def test_shared_prefix_prefill_gives_the_unshared_outputs(model, h):
-    """group_size: each prompt is prefilled once and its cache copied to its G rows."""
+def _loop_kv_shapes(jaxpr):
+    """The ``[rows, K, H, slots]`` keys each decode loop of ``jaxpr`` carries, per loop."""
+    loops = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "while"]
+    return [
+        sorted({v.aval.shape for v in e.params["body_jaxpr"].jaxpr.invars if v.aval.ndim == 4})
+        for e in loops
+    ]
+
+
+def test_shared_prefix_gives_the_unshared_outputs(model, h, monkeypatch):
+    """group_size: each prompt is prefilled once, and its keys and values are
+    stored and attended once for its G rows (a shared prefix)."""
     prompt, prompt_mask = h.left_padded(11, b=3)
     g = 4
     rows, row_mask = np.repeat(prompt, g, axis=0), np.repeat(prompt_mask, g, axis=0)
     kw = dict(max_new_tokens=T, temperature=1.0, eos_ids=(5,), top_p=0.9)
+    seen = _decode_jaxprs(monkeypatch)
     shared = sample(model, rows, row_mask, h.key(4), group_size=g, **kw)
     unshared = sample(model, rows, row_mask, h.key(4), group_size=g, share_prefix=False, **kw)
+    # The unshared loop carries W + T - 1 slots for each of the 12 rows (W:
+    # the bucketed prompt width); the shared one the 3 prompts' W slots once
+    # and each row's own T - 1.
+    c = model.config
+    shared_kv, unshared_kv = (set(_loop_kv_shapes(j)[0]) for j in seen)
+
+    def kv(n, slots):
+        return {(n, c.num_kv_heads, c.head_dim, slots), (n, c.num_kv_heads, slots, c.head_dim)}
+
+    w = max(x[3] for x in unshared_kv) - (T - 1)
+    assert w >= prompt.shape[1]
+    assert unshared_kv == kv(12, w + T - 1)
+    assert shared_kv == kv(3, w) | kv(12, T - 1)
     for other in (unshared,):
         np.testing.assert_array_equal(np.asarray(shared.tokens), np.asarray(other.tokens))
         np.testing.assert_array_equal(np.asarray(shared.mask), np.asarray(other.mask))
@@ -313,20 +337,20 @@ def test_decode_phases_give_the_same_samples_on_a_growing_cache(model, h, monkey
     np.testing.assert_allclose(np.asarray(three.logp)[m], logp[m], atol=2e-5)
 
     # Prompt width S = 8, C = S + T - 1 = 20 slots. Steps 1..12 in three
-    # parts end before steps 5, 9 and 13: caches of S + end - 1 slots.
-    def cache_slots(jaxpr):
-        loops = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "while"]
-        # The loop carries the per-layer keys [B, K, H, slots].
+    # parts end before steps 5, 9 and 13: caches of S + end - 1 slots, of
+    # which the S prompt slots are the 3 prompts' shared prefix, and each of
+    # the 6 rows has its own end - 1.
+    def own_slots(jaxpr):  # per loop: the rows' own key slots; the prefix's slots
         return [
-            {v.aval.shape[-1] for v in e.params["body_jaxpr"].jaxpr.invars if v.aval.ndim == 4}
-            for e in loops
-        ]
+            ({x[3] for x in shapes if x[0] == 6 and x[2] == hd},
+             {x[3] for x in shapes if x[0] == 3 and x[2] == hd})
+            for shapes in _loop_kv_shapes(jaxpr)
+        ]  # fmt: skip
 
+    hd = model.config.head_dim
     first, phased = seen
-    assert len(cache_slots(first)) == 1 and 20 in cache_slots(first)[0]
-    assert [20 in s for s in cache_slots(phased)] == [False, False, True]
-    assert [12 in s for s in cache_slots(phased)] == [True, False, False]
-    assert [16 in s for s in cache_slots(phased)] == [False, True, False]
+    assert own_slots(first) == [({12}, {8})]
+    assert own_slots(phased) == [({4}, {8}), ({8}, {8}), ({12}, {8})]
 
 
 def test_decode_phases_are_checked(model, h):

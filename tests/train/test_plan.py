@@ -75,6 +75,11 @@ def test_kv_cache_formula():
     assert kv_cache_bytes(c, batch=16, slots=31, dtype="bfloat16", row_shards=4) == (
         2 * 2 * 4 * 2 * 31 * 16 * 2
     )
+    # A prompt of 8 slots shared by groups of 8: 4 rows of 23 own slots and
+    # one prompt's 8 per device (2 prompts over 4 shards: rounded up).
+    shared = kv_cache_bytes(c, batch=16, slots=31, dtype="bfloat16", row_shards=4,
+                            shared_prefix=8, group_size=8)  # fmt: skip
+    assert shared == 2 * 2 * (4 * 23 + 1 * 8) * 2 * 16 * 2
 
 
 @pytest.mark.parametrize(
@@ -115,8 +120,9 @@ def test_plan_one_device_counts_and_compiled_sizes():
     # ERPO's progress term needs the reference: a frozen full copy.
     assert plan["needs_reference"] and plan["ref_params_gib"] * GIB == params
     slots = 8 + t - 1  # the prompt bucket (8) and T - 1 decoded tokens
-    kv = 2 * c.num_layers * b * c.num_kv_heads * slots * c.head_dim * 2
-    assert plan["cache_slots"] == slots
+    # 2 prompts of 8 rows: each prompt's 8 slots once, each row its own 23.
+    kv = 2 * c.num_layers * (b * (slots - 8) + 2 * 8) * c.num_kv_heads * c.head_dim * 2
+    assert plan["cache_slots"] == slots and plan["kv_shared_prefix"] == 8
     assert plan["kv_cache_gib"] * GIB == kv == plan["kv_cache_analytic_gib"] * GIB
     # Train batch: int32 and bool [B, S], int32 + bool + 3 float32 [B, T], rewards [P, G].
     batch_bytes = b * s * 5 + b * t * (4 + 1 + 3 * 4) + 2 * 8 * 4
@@ -134,7 +140,7 @@ def test_plan_one_device_counts_and_compiled_sizes():
 
     table, summary = plan_report(plan, "tiny", 1.0)
     assert "fits in 1 GiB: yes" in table
-    assert "KV cache (31 slots, bfloat16)" in table
+    assert "KV cache (31 slots, 8 shared, bfloat16)" in table
     assert summary["fits"] is True
     assert {"model", "mesh", "batch", "prompt_len", "new_tokens", "params_gib", "optimizer_gib",
             "activations_gib", "kv_cache_gib", "sampler_temp_gib", "total_gib",
@@ -270,8 +276,11 @@ def test_plan_on_eight_simulated_devices():
     ratio = fsdp4["params_gib"] / one["params_gib"]
     assert 0.25 < ratio < 0.26
     assert fsdp4["optimizer_gib"] * GIB == 2 * expected_param_bytes(c, 4) + 8
-    for plan, rows in ((one, 16), (fsdp4, 4), (fsdp8, 2)):
-        kv = 2 * c.num_layers * rows * c.num_kv_heads * 31 * c.head_dim * 2
+    # One device holds 2 prompts of 8 rows: the prompt's 8 slots shared, each
+    # row's own 23. Over 4 or 8 row shards the 2 prompts do not divide, so
+    # every row holds all 31 slots.
+    for plan, row_slots in ((one, 16 * 23 + 2 * 8), (fsdp4, 4 * 31), (fsdp8, 2 * 31)):
+        kv = 2 * c.num_layers * row_slots * c.num_kv_heads * c.head_dim * 2
         assert plan["kv_cache_gib"] * GIB == kv
 
     comp = out["compiled"]
@@ -315,7 +324,8 @@ def test_cli_plans_qwen3_1_7b_on_eight_devices():
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     c = ModelConfig.preset("qwen3-1.7b")
     assert summary["params_gib"] == pytest.approx(expected_param_bytes(c, 8) / GIB, abs=1e-4)
-    kv = kv_cache_bytes(c, batch=64, slots=512 + 1024 - 1, dtype="bfloat16", row_shards=8)
+    kv = kv_cache_bytes(c, batch=64, slots=512 + 1024 - 1, dtype="bfloat16", row_shards=8,
+                        shared_prefix=512, group_size=8)  # 8 prompts of 8, one per device  # fmt: skip
     assert summary["kv_cache_gib"] == pytest.approx(kv / GIB, abs=1e-4)
     assert summary["activations_gib"] > 0 and summary["sampler_temp_gib"] > 0
     assert isinstance(summary["fits"], bool)
