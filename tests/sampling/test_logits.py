@@ -34,6 +34,42 @@ def test_full_logp_and_entropy_hand_case():
     np.testing.assert_allclose(entropy, [1.5 * np.log(2.0)], atol=1e-6)
 
 
+def _reference_stats(z, tokens, keep=None):
+    """float64 NumPy log-probs, entropy and kept-set entropy of softmax(z) (METHOD's formulas)."""
+    z = np.asarray(z, np.float64)
+    logp = z - z.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    entropy = -(np.exp(logp) * logp).sum(-1)
+    if keep is None:
+        return logp[np.arange(len(z)), tokens], entropy, entropy
+    zk = np.where(keep, z, -np.inf)
+    lk = zk - zk.max(-1, keepdims=True)
+    lk -= np.log(np.exp(lk).sum(-1, keepdims=True))
+    truncated = -(np.exp(lk) * np.where(keep, lk, 0.0)).sum(-1)
+    return logp[np.arange(len(z)), tokens], entropy, truncated
+
+
+@pytest.mark.parametrize("opts", [{}, {"top_p": 0.5}], ids=["none", "top_p"])
+@pytest.mark.parametrize("center", [0.0, 1000.0, -3000.0])
+def test_stats_of_logits_far_from_zero_keep_their_digits(center, opts):
+    """Logits in the thousands with a spread of a few units: the statistics
+    equal float64 ones to 2e-6, as they do at zero. (Computed unshifted,
+    ``z[token] - logsumexp(z)`` and ``logsumexp(z) - sum(p * z)`` lose
+    digits to cancellation: float32's spacing at 1,000 is 6e-5. The
+    sampler did so before 2026-11-30, and its entropies were off by 0.03 at
+    1,000 and 0.33 at -3,000 on these logits.)"""
+    rng = np.random.default_rng(11)
+    z = (center + 2.0 * rng.normal(size=(6, 300))).astype(np.float32)
+    keys = jax.random.split(jax.random.key(1), 6)
+    out = jax.jit(lambda x, k: sample_from_logits(x, k, **opts))(z, keys)
+    keep = np.asarray(truncation_mask(z, **opts)) if opts else None
+    logp, entropy, truncated = _reference_stats(z, np.asarray(out.tokens), keep)
+    np.testing.assert_allclose(np.asarray(out.logp), logp, atol=2e-6, rtol=0)
+    np.testing.assert_allclose(np.asarray(out.entropy), entropy, atol=2e-6, rtol=0)
+    np.testing.assert_allclose(np.asarray(out.truncated_entropy), truncated, atol=2e-6, rtol=0)
+    assert entropy.min() > 1.0  # a spread-out distribution, not a near one-hot
+
+
 @pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "-".join(o) or "none")
 def test_jit_equals_no_jit_and_forced_stats_equal_drawn(opts):
     logits = _logits()
@@ -139,5 +175,6 @@ def test_draw_at_the_top_of_the_cdf_never_lands_on_a_truncated_token(monkeypatch
     z[0, 200:] = -np.inf  # last positive weight: 199, mid-block
     z[1, 130:] = -np.inf  # 129, early in block 1
     z[2, 1:] = -np.inf  # only token 0
-    tokens = L._inverse_cdf_draw(jax.random.split(jax.random.key(0), 4), jnp.asarray(z))
+    w = jnp.exp(jnp.asarray(z) - jnp.max(jnp.asarray(z), axis=-1, keepdims=True))  # -inf -> 0
+    tokens = L._inverse_cdf_draw(jax.random.split(jax.random.key(0), 4), w)
     assert np.asarray(tokens).tolist() == [199, 129, 0, 299]
