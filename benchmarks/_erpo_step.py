@@ -80,8 +80,10 @@ def measure(args: Any, loss_name: str, common: dict[str, Any]) -> dict[str, Any]
         prompt_mask = np.ones((b, s), bool)
         t0 = time.perf_counter()
         full = (graphdef, _merge(state["params"], frozen))
+        # As the trainer's rollout (erpo_jax.rollout.generate): grouped rows,
+        # each prompt prefilled once and its KV cache shared by its G rows.
         out = sample(full, prompt_tokens, prompt_mask, jax.random.key(i), max_new_tokens=t,
-                     temperature=1.0, eos_ids=())  # fmt: skip
+                     temperature=1.0, eos_ids=(), group_size=g)  # fmt: skip
         tokens, mask, entropy = jax.device_get((out.tokens, out.mask, out.entropy))
         t1 = time.perf_counter()
         rewards = ((tokens % 2 == 0) & mask).sum(-1) / np.maximum(mask.sum(-1), 1)

@@ -56,8 +56,8 @@ class SamplingOptions:
       reft_marker: ids forced before the REFT opener (e.g. ``<think>``).
       stop_check_every: decode steps between host checks of stop strings.
       decode_phases: the sampler's decode loop in this many parts over a
-        growing KV cache (``sample(decode_phases=)``); 1 while stop strings
-        are in use (theirs split the loop).
+        growing KV cache (``sample(decode_phases=)``), with or without stop
+        strings.
     """
 
     max_new_tokens: int = 64
@@ -255,7 +255,7 @@ def generate(
         reft_marker=options.reft_marker,
         use_lora=use_lora,
         mesh=mesh,
-        decode_phases=1 if stops else options.decode_phases,
+        decode_phases=options.decode_phases,
     )
     if multihost(mesh):
         # This process's rows only (the outputs are global arrays).

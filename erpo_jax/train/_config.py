@@ -200,8 +200,8 @@ class RolloutConfig:
         cache grown between them, so early steps attend to fewer empty
         slots (``erpo_jax.sampling.sample``): faster decoding for more
         compile time and, at each change, up to about twice the cache's
-        memory. 1 (the default): one loop. Not with ``stop_strings``; a
-        task's own stop strings make it 1.
+        memory. 1 (the default): one loop. With stop strings (these or a
+        task's own), each host check's chunk runs the parts it overlaps.
       max_prompt_tokens: prompts longer than this are skipped (with a warning,
         counted in ``skipped_long_prompts``) and replaced by the next ones from
         the data stream; null: the model's context minus ``max_new_tokens``.
@@ -259,12 +259,6 @@ class RolloutConfig:
         _positive("rollout.max_sampling_tries", self.max_sampling_tries)
         _positive("rollout.stop_check_every", self.stop_check_every)
         _positive("rollout.decode_phases", self.decode_phases)
-        if self.decode_phases > 1 and self.stop_strings:
-            _fail(
-                "rollout.decode_phases",
-                self.decode_phases,
-                "must be 1 with rollout.stop_strings (their host checks split the decode loop)",
-            )
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             _fail("rollout.max_prompt_tokens", self.max_prompt_tokens, "must be null or >= 1")
         if not self.reward_timeout_s > 0:

@@ -430,9 +430,9 @@ def test_evaluate_on_a_mesh_gives_the_same_samples(loaded):
         assert sharded.summary[field] == plain.summary[field], field
 
 
-def test_generate_with_decode_phases_matches_one_loop_and_yields_to_stop_strings(loaded):
+def test_generate_with_decode_phases_matches_one_loop_with_and_without_stop_strings(loaded):
     """rollout.decode_phases reaches the sampler through SamplingOptions: the same
-    rollout as one decode loop; with the task's stop strings it is 1 (no error)."""
+    rollout as one decode loop, with the task's stop strings too."""
     from erpo_jax.rollout import SamplingOptions, generate, problem_keys
 
     model, tokenizer = loaded

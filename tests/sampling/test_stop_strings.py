@@ -28,13 +28,17 @@ def _expected_cut(tokenizer, row, stops):
     return None
 
 
-# (check_every, T, late): with late stop strings and a short lookback the
-# host check copies a window of the buffer that starts past token 0.
+# (check_every, T, late, phases): with late stop strings and a short lookback
+# the host check copies a window of the buffer that starts past token 0; with
+# decode phases the checks' chunks straddle the phases' ends (3-step chunks,
+# phases of 7-8 steps) or hold several (16-step chunks, phases of 4 steps).
 @pytest.mark.parametrize(
-    ("check_every", "T", "late"), [(3, 32, False), (16, 32, False), (2, 64, True)]
-)
+    ("check_every", "T", "late", "phases"),
+    [(3, 32, False, 1), (16, 32, False, 1), (2, 64, True, 1), (3, 32, False, 4),
+     (16, 32, False, 8)],
+)  # fmt: skip
 def test_stop_strings_end_the_completion_at_the_completing_token(
-    model, h, tokenizer, check_every, T, late
+    model, h, tokenizer, check_every, T, late, phases
 ):
     prompt, prompt_mask = h.left_padded(8)
     kw = dict(max_new_tokens=T, eos_ids=())
@@ -49,7 +53,7 @@ def test_stop_strings_end_the_completion_at_the_completing_token(
         stops = [text0[-6:-2], text1[-5:-1], "\x7f"]
     out = sample(
         model, prompt, prompt_mask, h.key(8), stop_strings=stops, tokenizer=tokenizer,
-        stop_check_every=check_every, **kw,
+        stop_check_every=check_every, decode_phases=phases, **kw,
     )  # fmt: skip
     tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
     cuts = [_expected_cut(tokenizer, free_tokens[b], stops) for b in range(4)]
@@ -63,7 +67,10 @@ def test_stop_strings_end_the_completion_at_the_completing_token(
         # Same key: identical draws up to the stop, padding after it.
         np.testing.assert_array_equal(tokens[b, :n], free_tokens[b, :n])
         assert (tokens[b, n:] == 0).all()
-        np.testing.assert_array_equal(np.asarray(out.logp)[b, :n], np.asarray(free.logp)[b, :n])
+        # Bit for bit with one loop; decode phases attend over caches of other
+        # sizes (float rounding).
+        np.testing.assert_allclose(np.asarray(out.logp)[b, :n], np.asarray(free.logp)[b, :n],
+                                   rtol=0, atol=0 if phases == 1 else 1e-6)  # fmt: skip
         assert (np.asarray(out.entropy)[b, n:] == 0).all()
         if cut is not None:
             assert any(s in tokenizer.decode([int(i) for i in tokens[b, :n]]) for s in stops)
@@ -103,3 +110,34 @@ def test_matcher_refuses_a_window_that_misses_tokens_it_must_read():
         m.update(window, np.array([30]), offset=10)
     hit = m.update(np.concatenate([row, [[25, 25]]], axis=1)[:, 2:], np.array([22]), offset=2)
     assert hit.tolist() == [True] and m.cut.tolist() == [21]  # "zz" completed by token 21
+
+
+def test_stop_string_chunks_run_the_decode_phases_in_order_on_a_growing_cache(
+    model, h, tokenizer, monkeypatch
+):
+    """decode_phases with stop strings: each chunk between host checks runs the
+    phases it overlaps, in order, each on the cache its own steps can fill."""
+    from erpo_jax.sampling import _sampler
+
+    calls = []
+    original = _sampler._decode_jit
+
+    def spy(graphdef, params, state, keys, stop_at, dyn, *, static):
+        calls.append((static.phase, int(stop_at), state.cache.max_length))
+        return original(graphdef, params, state, keys, stop_at, dyn, static=static)
+
+    monkeypatch.setattr(_sampler, "_decode_jit", spy)
+    prompt, prompt_mask = h.left_padded(8)
+    sample(model, prompt, prompt_mask, h.key(8), max_new_tokens=T, eos_ids=(),
+           stop_strings=("\x7f never written",), tokenizer=tokenizer, stop_check_every=5,
+           decode_phases=3)  # fmt: skip
+    # Steps 1..31 in 3 phases ending before steps 12, 22 and 32; chunks of
+    # 5 steps from step 1 stop at 6, 11, 16, ...: the chunk to 16 runs phase
+    # 0 (to step 12), then phase 1, and the chunk to 26 phases 1 and 2.
+    assert [c[:2] for c in calls] == [
+        (0, 6), (0, 11), (0, 16), (1, 16), (1, 21), (1, 26), (2, 26), (2, 31), (2, 32)
+    ]  # fmt: skip
+    # Each call gets the cache as the phase before it left it: the prefill's
+    # (phase 0's), grown on entry to phases 1 and 2 (S + 11, S + 21, S + 31).
+    s = calls[0][2] - 11
+    assert [c[2] for c in calls] == [s + 11] * 4 + [s + 21] * 3 + [s + 31] * 2
