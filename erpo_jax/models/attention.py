@@ -224,13 +224,16 @@ def _xla(q, k, v, q_slots, kv_mask, keys_transposed=False):
 
 
 def _xla_decode_cpu(q, k, v, q_slots, kv_mask, keys_transposed=False):
-    """One query per row (a decode step) as fused multiply-reduce loops.
+    """One query per row (a decode step): scores by a fused multiply-reduce loop.
 
     On XLA:CPU the ``[B, K]``-batched dot products of a decode step are
     ``B * K`` tiny ``[G, H] x [H, C]`` matmuls, each paying the batched-dot
-    overhead; one fused elementwise product and reduction over ``H`` (then
-    over ``C``) streams the cache once and is about 1.5x faster at
-    ``B = 128, C = 160`` (measured on the 2-core CPU). With the cache's
+    overhead; for the scores, one fused elementwise product and reduction
+    over ``H`` streams the cache once and is about 1.5x faster at
+    ``B = 128, C = 160`` (measured on the 2-core CPU). The values' pass
+    stays a batched dot: as a multiply-reduce XLA fused it into the output
+    projection's matmul, which ran no faster (within noise without a
+    shared prefix, 3-8% slower with one). With the cache's
     ``[B, K, H, C]`` keys the reduction over ``H`` is over a major axis and
     vectorizes along the slots: the scores took 0.55 instead of 0.95 ms
     per layer and step in the sampler's loop at that size (2-core Xeon),
@@ -249,7 +252,10 @@ def _xla_decode_cpu(q, k, v, q_slots, kv_mask, keys_transposed=False):
     allowed = _allowed(q_slots, kv_mask, jnp.arange(c))[:, 0]  # [B, C]
     scores = jnp.where(allowed[:, None, None], scores, _NEG)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.sum(probs[..., None] * v[:, :, None].astype(jnp.float32), axis=-2)  # [B, K, G, H]
+    # The values as a batched dot, as in _shared_prefix_attention.
+    out = jnp.einsum("bkgc,bkch->bkgh", probs.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32,
+                     precision=matmul_precision(v.dtype))  # fmt: skip  # [B, K, G, H]
     return out.astype(v.dtype).reshape(b, 1, n * h)
 
 
@@ -305,11 +311,13 @@ def _shared_prefix_attention(q, k, v, q_slots, kv_mask, prefix, keys_transposed)
     e_own = jnp.exp(own - top[..., None])
     e_pre = jnp.exp(pre - to_prompts(top)[..., None])
     denom = jnp.sum(e_own, axis=-1) + to_rows(jnp.sum(e_pre, axis=-1))
-    if s == 1 and jax.default_backend() == "cpu":
-        out = jnp.sum(e_own[..., None] * v[:, :, None].astype(jnp.float32), axis=-2)
-    else:
-        out = jnp.einsum("bkrc,bkch->bkrh", e_own.astype(v.dtype), v,
-                         preferred_element_type=jnp.float32, precision=prec)  # fmt: skip
+    # A batched dot for the values on every backend: on XLA:CPU a decode
+    # step's multiply-reduce here was fused into the output projection's
+    # matmul, and that fusion ran slower than the dot and the projection
+    # apart (the rollout benchmark's decode, 2-core Xeon: +3-8% tokens/s in
+    # five alternating pairs).
+    out = jnp.einsum("bkrc,bkch->bkrh", e_own.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32, precision=prec)  # fmt: skip
     out_pre = jnp.einsum("pkrs,pksh->pkrh", e_pre.astype(pv.dtype), pv,
                          preferred_element_type=jnp.float32, precision=prec)  # fmt: skip
     out = (out + to_rows(out_pre)) / denom[..., None]

@@ -94,19 +94,22 @@ def test_transposed_decode_scores_reduce_over_a_major_axis():
     # The decode step's scores reduce over the head width; with the cache's
     # slots-minor keys that is not the minor axis of the product (on CPU a
     # minor reduction of 32 floats ran 1.7x slower), and the keys are read
-    # as stored: no transpose of them.
+    # as stored: no transpose of them. The values' pass is a batched dot.
     q, k, v, q_slots, kv_mask = _inputs(4, 2, 1, 4, 2, 21, 8, offset=13)
     kt = jnp.swapaxes(k, 2, 3)
     jaxpr = jax.make_jaxpr(lambda q, kt, v: A._xla_decode_cpu(q, kt, v, q_slots, kv_mask, True))(
         q, kt, v
     )
-    products = [  # the [B, K, G, H, C] scores and [B, K, G, C, H] values products
+    products = [  # the [B, K, G, H, C] scores product
         e.params["axes"]
         for e in equations(jaxpr)
         if e.primitive.name == "reduce_sum" and e.invars[0].aval.ndim == 5
     ]
-    assert products == [(3,), (3,)]  # [(4,), (3,)] with [B, K, C, H] keys
+    assert products == [(3,)]  # [(4,)] with [B, K, C, H] keys
     assert not [e for e in equations(jaxpr) if e.primitive.name == "transpose"]
+    # The values: one dot batched over (row, key head), contracting the slots.
+    dots = [e for e in equations(jaxpr) if e.primitive.name == "dot_general"]
+    assert [e.params["dimension_numbers"] for e in dots] == [(((3,), (2,)), ((0, 1), (0, 1)))]
 
 
 def test_keys_that_do_not_match_the_values_are_a_clear_error():
