@@ -23,6 +23,19 @@ TINY_QWEN3 = dict(
 )
 
 
+def tiny_qwen3_decoder() -> Any:
+    """The tiny Qwen3 built directly in erpo_jax, with its own random init (no torch).
+
+    Imports jax: call it after :func:`pin_xla_threads`.
+    """
+    from flax import nnx
+
+    from erpo_jax.models import Decoder, ModelConfig
+
+    config = ModelConfig.from_hf({"model_type": "qwen3", **TINY_QWEN3})
+    return Decoder(config, rngs=nnx.Rngs(0))
+
+
 def workload_parser(description: str, *, batch: int | None = None) -> argparse.ArgumentParser:
     """The flags of the rollout workload the sampling benchmarks share.
 

@@ -31,16 +31,12 @@ import json
 import statistics
 import time
 
-from _tiny_qwen3 import TINY_QWEN3, pin_xla_threads, workload_parser
+from _tiny_qwen3 import pin_xla_threads, tiny_qwen3_decoder, workload_parser
+from stop_strings import ALPHABET, CharTokenizer
 
 GROUP = 8
-
-
-class CharTokenizer:
-    """Token ``i`` decodes to ``"abcdefgh"[i % 8]``: the stop string ``"z"`` never appears."""
-
-    def decode(self, ids: list[int]) -> str:
-        return "".join("abcdefgh"[i % 8] for i in ids)
+NEVER = "z"  # no token decodes to it
+assert NEVER not in ALPHABET
 
 
 def _parse():
@@ -55,13 +51,11 @@ def main():
     pin_xla_threads(args.threads)  # before jax is imported
     import jax
     import numpy as np
-    from flax import nnx
 
-    from erpo_jax.models import Decoder, ModelConfig
     from erpo_jax.sampling import repeat_for_groups, sample
 
-    config = ModelConfig.from_hf({"model_type": "qwen3", **TINY_QWEN3})
-    model = Decoder(config, rngs=nnx.Rngs(0))
+    model = tiny_qwen3_decoder()
+    config = model.config
     b, s, t = args.batch, args.prompt_len, args.new_tokens
     rng = np.random.default_rng(0)
     prompts = rng.integers(0, config.vocab_size, (b // GROUP, s)).astype(np.int32)
@@ -71,7 +65,7 @@ def main():
 
     def run(check_every: int, phases: int):
         stops = {} if check_every == 0 else {
-            "stop_strings": ("z",), "tokenizer": CharTokenizer(), "stop_check_every": check_every
+            "stop_strings": (NEVER,), "tokenizer": CharTokenizer(), "stop_check_every": check_every
         }  # fmt: skip
         out = sample(model, rows.tokens, rows.mask, rows.keys, max_new_tokens=t, temperature=1.0,
                      eos_ids=(), group_size=GROUP, decode_phases=phases, **stops)  # fmt: skip

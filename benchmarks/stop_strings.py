@@ -65,7 +65,7 @@ import json
 import math
 import sys
 
-from _tiny_qwen3 import TINY_QWEN3, median_seconds, pin_xla_threads, workload_parser
+from _tiny_qwen3 import median_seconds, pin_xla_threads, tiny_qwen3_decoder, workload_parser
 
 ALPHABET = "abcdefgh"
 STOP = "h"
@@ -89,13 +89,11 @@ def main():
     pin_xla_threads(args.threads)  # before jax is imported
     import jax
     import numpy as np
-    from flax import nnx
 
-    from erpo_jax.models import Decoder, ModelConfig
     from erpo_jax.sampling import _sampler, sample
 
-    config = ModelConfig.from_hf({"model_type": "qwen3", **TINY_QWEN3})
-    model = Decoder(config, rngs=nnx.Rngs(0))
+    model = tiny_qwen3_decoder()
+    config = model.config
     b, s, t = args.batch, args.prompt_len, args.new_tokens
     check_every = [int(k) for k in args.check_every.split(",") if k.strip()]
     rng = np.random.default_rng(0)

@@ -806,25 +806,29 @@ def sample(
     cut = np.full(b_local, -1, np.int32)  # this process's rows
     phase_ends = [end for end, _ in _phases(static, marker.size)]
 
-    def decode(state, start: int, stop: int):
+    def decode(state, stop: int, phase: int = -1):
+        """The decode loop up to step ``stop``: every phase (-1) or only ``phase``."""
+        with warnings.catch_warnings():
+            if len(phase_ends) > 1:  # a later phase's larger cache cannot reuse the donated one
+                warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+            return _decode_jit(graphdef, params, state, keys, np.int32(stop), dyn,
+                               static=static._replace(phase=phase))  # fmt: skip
+
+    def decode_chunk(state, start: int, stop: int):
         """Decode steps ``start .. stop - 1`` (fewer once every row is done)."""
         if len(phase_ends) == 1:
-            return _decode_jit(graphdef, params, state, keys, np.int32(stop), dyn, static=static)
+            return decode(state, stop)
         # A chunk of the stop-string loop runs the phases it overlaps, each
         # phase's loop compiled once; phase k decodes the steps before its end.
         for k, end in enumerate(phase_ends):
             if end > start:
-                state = _decode_jit(graphdef, params, state, keys, np.int32(stop), dyn,
-                                    static=static._replace(phase=k))  # fmt: skip
+                state = decode(state, stop, k)
                 if end >= stop:
                     break
         return state
 
     if stop_strings is None:
-        with warnings.catch_warnings():
-            if decode_phases > 1:  # a later phase's larger cache cannot reuse the donated one
-                warnings.filterwarnings("ignore", "Some donated buffers were not usable")
-            state = _decode_jit(graphdef, params, state, keys, np.int32(t_max), dyn, static=static)
+        state = decode(state, t_max)
     else:
         # Each process matches its own rows; the loop goes on until every row
         # of every process is done (one replicated flag), in lockstep.
@@ -847,10 +851,7 @@ def sample(
             if step >= t_max or bool(_all_done(state.done)):
                 break
             start, step = step, min(step + stop_check_every, t_max)
-            with warnings.catch_warnings():
-                if decode_phases > 1:
-                    warnings.filterwarnings("ignore", "Some donated buffers were not usable")
-                state = decode(state, start, step)
+            state = decode_chunk(state, start, step)
         cut = matcher.cut.astype(np.int32)
     if hosts:
         return _finish_jit(state, global_rows(mesh, cut), pad_id=static.pad_id)
