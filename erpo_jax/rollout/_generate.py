@@ -57,7 +57,7 @@ class SamplingOptions:
       stop_check_every: decode steps between host checks of stop strings.
       decode_phases: the sampler's decode loop in this many parts over a
         growing KV cache (``sample(decode_phases=)``), with or without stop
-        strings.
+        strings; None: the sampler's auto rule (``resolve_decode_phases``).
     """
 
     max_new_tokens: int = 64
@@ -70,7 +70,7 @@ class SamplingOptions:
     reft_k: int = 4
     reft_marker: tuple[int, ...] = ()
     stop_check_every: int = 16
-    decode_phases: int = 1
+    decode_phases: int | None = None
 
 
 class Rollout(NamedTuple):

@@ -23,9 +23,17 @@ from erpo_jax.sampling._logits import (
     score_tokens,
     truncation_mask,
 )
-from erpo_jax.sampling._sampler import SampleOutput, bucket_length, compiled_cache_sizes, sample
+from erpo_jax.sampling._sampler import (
+    AUTO_DECODE_PHASES,
+    SampleOutput,
+    bucket_length,
+    compiled_cache_sizes,
+    resolve_decode_phases,
+    sample,
+)
 
 __all__ = [
+    "AUTO_DECODE_PHASES",
     "GroupedPrompts",
     "SampleOutput",
     "StepSample",
@@ -36,6 +44,7 @@ __all__ = [
     "local_rows",
     "reft_first_tokens",
     "repeat_for_groups",
+    "resolve_decode_phases",
     "sample",
     "sample_from_logits",
     "score_tokens",

@@ -435,6 +435,38 @@ def _spans_devices(params: Any) -> bool:
     return False
 
 
+# ``decode_phases=None``: this many phases on the CPU backend from this many new
+# tokens (see resolve_decode_phases).
+AUTO_DECODE_PHASES = 8
+AUTO_DECODE_PHASES_MIN_TOKENS = 128
+
+
+def resolve_decode_phases(
+    decode_phases: int | None, max_new_tokens: int, backend: str | None = None
+) -> int:
+    """The number of decode loops ``sample(decode_phases=...)`` runs.
+
+    An int is checked (``>= 1``) and kept. ``None`` (the default, "auto")
+    means :data:`AUTO_DECODE_PHASES` (8) phases on the CPU backend when
+    ``max_new_tokens >= 128``, and one loop otherwise. The rule is what was
+    measured (docs/benchmarks.md, "Decode phases by default"): on the 2-core
+    Xeon the grouped tiny-Qwen3 rollout decoded 18-32% more tokens/s with 8
+    phases at 128 and 256 new tokens, for about 5 s more compile time; at 64
+    new tokens 4 phases gained 2.5%, less than their compile time is worth.
+    On GPU and TPU the KV cache is what bounds the batch, and a phase
+    change holds the old and the new cache at once (the compiled decode's
+    arguments, outputs and temporaries came to 1.5x the one-loop program's
+    with 8 phases at 1,024 new tokens), and the speed there is unmeasured,
+    so auto keeps one loop; pass an int to choose.
+    """
+    if decode_phases is not None:
+        return _positive_int("decode_phases", decode_phases)
+    backend = jax.default_backend() if backend is None else backend
+    if backend == "cpu" and max_new_tokens >= AUTO_DECODE_PHASES_MIN_TOKENS:
+        return AUTO_DECODE_PHASES
+    return 1
+
+
 def _positive_int(name: str, value: Any) -> int:
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
         raise ValueError(f"sample: {name} must be a positive int, got {value!r}")
@@ -525,7 +557,7 @@ def sample(
     use_lora: bool = True,
     share_prefix: bool = True,
     mesh: Any = None,
-    decode_phases: int = 1,
+    decode_phases: int | None = None,
 ) -> SampleOutput:
     """Samples ``max_new_tokens`` per row with a KV cache; returns tokens, logp, entropy, mask.
 
@@ -623,12 +655,12 @@ def sample(
         steps can fill, so early steps attend to fewer empty slots. The
         outputs are the same to float rounding. It costs compile time
         (one loop per part) and, at each change, the old and the new cache
-        at once (up to about twice the cache's memory). On the 2-core Xeon
-        with the tiny-Qwen3 rollout (32 + 128 tokens), 8 parts decoded
-        10-15% more tokens/s for 4.4-5.1 s more compile time. 1 (the
-        default): one loop over the whole cache. With ``stop_strings``,
-        each check's chunk of steps runs the parts it overlaps, each part's
-        loop compiled once.
+        at once. None (the default): :func:`resolve_decode_phases`'s rule,
+        8 parts on CPU from 128 new tokens (18-32% more tokens/s measured
+        there for about 5 s more compile time) and one loop otherwise.
+        1: one loop over the whole cache. With ``stop_strings``, each
+        check's chunk of steps runs the parts it overlaps, each part's loop
+        compiled once.
 
     Returns:
       :class:`SampleOutput` with ``[B, T]`` arrays and ``lengths [B]``;
@@ -696,7 +728,7 @@ def sample(
         if not stop_strings:
             stop_strings = None
 
-    decode_phases = _positive_int("decode_phases", decode_phases)
+    decode_phases = resolve_decode_phases(decode_phases, t_max)
 
     if first_token not in (None, "reft"):
         raise ValueError(f"sample: first_token must be None or 'reft', got {first_token!r}")

@@ -199,9 +199,11 @@ class RolloutConfig:
       decode_phases: the training rollouts' decode loop in this many parts over a KV
         cache grown between them, so early steps attend to fewer empty
         slots (``erpo_jax.sampling.sample``): faster decoding for more
-        compile time and, at each change, up to about twice the cache's
-        memory. 1 (the default): one loop. With stop strings (these or a
-        task's own), each host check's chunk runs the parts it overlaps.
+        compile time and, at each change, the old and the new cache at
+        once. null (the default): auto, 8 parts on CPU from 128 new tokens
+        and one loop otherwise (``erpo_jax.sampling.resolve_decode_phases``).
+        1: one loop. With stop strings (these or a task's own), each host
+        check's chunk runs the parts it overlaps.
       max_prompt_tokens: prompts longer than this are skipped (with a warning,
         counted in ``skipped_long_prompts``) and replaced by the next ones from
         the data stream; null: the model's context minus ``max_new_tokens``.
@@ -226,7 +228,7 @@ class RolloutConfig:
     reft_marker: Optional[str] = None  # noqa: UP045
     stop_strings: tuple[str, ...] = ()
     stop_check_every: int = 16
-    decode_phases: int = 1
+    decode_phases: Optional[int] = None  # noqa: UP045
     max_prompt_tokens: Optional[int] = None  # noqa: UP045
     dynamic_sampling: bool = False
     max_sampling_tries: int = 4
@@ -258,7 +260,8 @@ class RolloutConfig:
                 _fail("rollout.reft_top_n", self.reft_top_n, f"must be >= reft_k={self.reft_k}")
         _positive("rollout.max_sampling_tries", self.max_sampling_tries)
         _positive("rollout.stop_check_every", self.stop_check_every)
-        _positive("rollout.decode_phases", self.decode_phases)
+        if self.decode_phases is not None:
+            _positive("rollout.decode_phases", self.decode_phases)
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             _fail("rollout.max_prompt_tokens", self.max_prompt_tokens, "must be null or >= 1")
         if not self.reward_timeout_s > 0:

@@ -353,6 +353,33 @@ def test_decode_phases_give_the_same_samples_on_a_growing_cache(model, h, monkey
     assert own_slots(phased) == [({4}, {8}), ({8}, {8}), ({12}, {8})]
 
 
+def test_decode_phases_auto_rule():
+    """None: 8 phases on CPU from 128 new tokens, else one loop; an int is kept and checked."""
+    from erpo_jax.sampling import resolve_decode_phases
+
+    assert resolve_decode_phases(None, 128, "cpu") == 8
+    assert resolve_decode_phases(None, 4096, "cpu") == 8
+    assert resolve_decode_phases(None, 127, "cpu") == 1
+    for accelerator in ("gpu", "tpu"):
+        assert resolve_decode_phases(None, 4096, accelerator) == 1
+    assert resolve_decode_phases(3, 4096, "gpu") == 3
+    assert resolve_decode_phases(1, 4096, "cpu") == 1
+    with pytest.raises(ValueError, match="decode_phases must be a positive int, got 0"):
+        resolve_decode_phases(0, 128, "cpu")
+
+
+def test_sample_defaults_to_the_auto_decode_phases(model, h, monkeypatch):
+    """sample() without decode_phases runs 8 loops at 128 new tokens on CPU and
+    one at 127 (the loops' count read from the decode program's jaxpr)."""
+    assert jax.default_backend() == "cpu"
+    seen = _decode_jaxprs(monkeypatch)
+    prompt, prompt_mask = h.left_padded(3, b=2)
+    for t in (127, 128):
+        sample(model, prompt, prompt_mask, h.key(0), max_new_tokens=t, eos_ids=())
+    loops = [[e for e in j.jaxpr.eqns if e.primitive.name == "while"] for j in seen]
+    assert [len(x) for x in loops] == [1, 8]
+
+
 def test_decode_phases_are_checked(model, h):
     prompt, prompt_mask = h.left_padded(14)
     for bad in (0, True, 2.0):

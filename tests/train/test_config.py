@@ -118,6 +118,10 @@ def test_resume_accepts_a_key_added_since_the_checkpoint_at_its_default():
         == 4
     )
     assert _sampling_options(load_config(None, ["rollout.decode_phases=4"]), ()).decode_phases == 4
+    # null (the default) is the sampler's auto rule, passed on as None.
+    assert load_config(None, []).rollout.decode_phases is None
+    auto = load_config(None, ["rollout.decode_phases=null"])
+    assert _sampling_options(auto, ()).decode_phases is None
     # With stop strings too (each host check's chunk runs the phases it overlaps).
     both = load_config(None, ["rollout.decode_phases=4", "rollout.stop_strings=[END]"])
     assert _sampling_options(both, ()).decode_phases == 4
