@@ -12,7 +12,7 @@ Letters beyond ``erpo_jax.typing``: C cache slots, K key/value heads, H head wid
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 
@@ -93,6 +93,13 @@ class KVCache(NamedTuple):
         return 0 if self.prefix is None else self.prefix.length
 
 
+def _check_positive(who: str, **values: Any) -> None:
+    """A ``ValueError`` naming the first of ``values`` not a positive int (a bool is not one)."""
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{who}: {name} must be a positive int, got {value!r}")
+
+
 def init_kv_cache(
     *,
     num_layers: int,
@@ -103,15 +110,14 @@ def init_kv_cache(
     dtype=jnp.float32,
 ) -> KVCache:
     """An empty cache: zeros, no slot valid, index 0, every row at position 0."""
-    for name, value in (
-        ("num_layers", num_layers),
-        ("batch_size", batch_size),
-        ("max_length", max_length),
-        ("num_kv_heads", num_kv_heads),
-        ("head_dim", head_dim),
-    ):
-        if not isinstance(value, int) or value <= 0:
-            raise ValueError(f"init_kv_cache: {name} must be a positive int, got {value!r}")
+    _check_positive(
+        "init_kv_cache",
+        num_layers=num_layers,
+        batch_size=batch_size,
+        max_length=max_length,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+    )
     k_shape = (batch_size, num_kv_heads, head_dim, max_length)
     v_shape = (batch_size, num_kv_heads, max_length, head_dim)
     return KVCache(
@@ -141,9 +147,7 @@ def share_kv_prefix(prompt_cache: KVCache, group_size: int, max_length: int) -> 
     """
     if prompt_cache.prefix is not None:
         raise ValueError("share_kv_prefix: prompt_cache already has a shared prefix")
-    for name, value in (("group_size", group_size), ("max_length", max_length)):
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"share_kv_prefix: {name} must be a positive int, got {value!r}")
+    _check_positive("share_kv_prefix", group_size=group_size, max_length=max_length)
     p, kh, h, _ = prompt_cache.k[0].shape
     b = p * group_size
     k_shape = (b, kh, h, max_length)

@@ -260,8 +260,8 @@ class RolloutConfig:
                 _fail("rollout.reft_top_n", self.reft_top_n, f"must be >= reft_k={self.reft_k}")
         _positive("rollout.max_sampling_tries", self.max_sampling_tries)
         _positive("rollout.stop_check_every", self.stop_check_every)
-        if self.decode_phases is not None:
-            _positive("rollout.decode_phases", self.decode_phases)
+        if self.decode_phases is not None and self.decode_phases < 1:
+            _fail("rollout.decode_phases", self.decode_phases, "must be null (auto) or an int >= 1")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             _fail("rollout.max_prompt_tokens", self.max_prompt_tokens, "must be null or >= 1")
         if not self.reward_timeout_s > 0:

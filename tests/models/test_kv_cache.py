@@ -242,3 +242,18 @@ def test_shared_prefix_bad_input_is_a_clear_error():
         model.extend(tokens, jnp.ones((6, 1), bool), shared, fresh=True)
     with pytest.raises(ValueError, match=r"consts are for a cache of 8 slots, the cache has 9"):
         model.decode_step(tokens[:, 0], shared, consts=model.decode_consts(8))
+
+
+def test_init_kv_cache_bad_sizes_are_a_clear_error():
+    """Each size must be a positive int (not a bool, a float or zero), named in the error."""
+    from erpo_jax.models.kv_cache import init_kv_cache
+
+    good = dict(num_layers=2, batch_size=3, max_length=4, num_kv_heads=1, head_dim=8)
+    cache = init_kv_cache(**good)
+    assert cache.k[0].shape == (3, 1, 8, 4) and cache.v[1].shape == (3, 1, 4, 8)
+    for name in good:
+        for bad in (0, -1, 2.0, True):
+            with pytest.raises(ValueError, match=rf"init_kv_cache: {name} must be a positive int"):
+                init_kv_cache(**{**good, name: bad})
+    with pytest.raises(ValueError, match="share_kv_prefix: group_size must be a positive int"):
+        share_kv_prefix(cache, True, 3)

@@ -42,7 +42,7 @@ def test_yaml_then_overrides(tmp_path):
         (["rollout.group_size=1"], r"rollout.group_size=1.*>= 2"),
         (["rollout.max_prompt_tokens=0"], r"rollout.max_prompt_tokens=0.*null or >= 1"),
         (["rollout.stop_check_every=0"], r"rollout.stop_check_every=0"),
-        (["rollout.decode_phases=0"], r"rollout.decode_phases=0.*>= 1"),
+        (["rollout.decode_phases=0"], r"rollout.decode_phases=0.*null \(auto\) or an int >= 1"),
         (["train.micro_batches=3"], r"train.micro_batches=3.*divide the 16 groups"),
         (["train.length_buckets=0"], r"train.length_buckets=0.*>= 1"),
         (["train.length_buckets=49"], r"train.length_buckets=49.*1..rollout.max_new_tokens=48"),
