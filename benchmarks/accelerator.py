@@ -66,9 +66,17 @@ def _parse():
     p.add_argument("--smoke", action="store_true", help="tiny shapes, any backend")
     p.add_argument(
         "--bench",
-        choices=("model", "rollout"),
+        choices=("model", "rollout", "decode"),
         default="model",
-        help="model: decode and train_step; rollout: against transformers generate",
+        help="model: decode and train_step; rollout: against transformers generate; "
+        "decode: the decode bench alone",
+    )
+    p.add_argument(
+        "--decode-phases",
+        type=int,
+        default=None,
+        help="sample(decode_phases=N) for the decode bench (default: the sampler's auto rule, "
+        "one loop off CPU)",
     )
     p.add_argument("--peer-prompts", type=int, default=8)
     p.add_argument("--peer-prompt-len", type=int, default=128)
@@ -118,6 +126,8 @@ def main() -> None:
     # ---------------------------------------------------------------- decode
     if not args.skip_decode:
         _decode(config, args, common, hbm_gbps)
+    if args.bench == "decode":
+        return
     # ------------------------------------------------------------ train step
     model = Decoder(config, dtype=jnp.bfloat16, param_dtype=jnp.float32, remat=True,
                     scan_layers=True, rngs=nnx.Rngs(0))  # fmt: skip
@@ -171,7 +181,7 @@ def _decode(config, args, common, hbm_gbps) -> None:
     from flax import nnx
 
     from erpo_jax.models import Decoder
-    from erpo_jax.sampling import sample
+    from erpo_jax.sampling import resolve_decode_phases, sample
 
     model = Decoder(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
@@ -179,8 +189,11 @@ def _decode(config, args, common, hbm_gbps) -> None:
     b, s, t = args.rows, args.prompt_len, args.new_tokens
     prompts = np.repeat(rng.integers(0, config.vocab_size, (b // args.group, s)), args.group, 0)
     mask = np.ones((b, s), bool)
-    kw = dict(max_new_tokens=t, eos_ids=(), group_size=args.group, max_length=s + t)
+    kw = dict(max_new_tokens=t, eos_ids=(), group_size=args.group, max_length=s + t,
+              decode_phases=args.decode_phases)  # fmt: skip
+    t0 = time.perf_counter()
     jax.block_until_ready(sample(model, prompts, mask, jax.random.key(0), **kw).tokens)
+    first = time.perf_counter() - t0
     t0 = time.perf_counter()
     out = sample(model, prompts, mask, jax.random.key(1), **kw)
     jax.block_until_ready(out.tokens)
@@ -189,7 +202,9 @@ def _decode(config, args, common, hbm_gbps) -> None:
     mean_cache = s + t / 2
     bytes_per_step = n_params * 2 + b * mean_cache * kv_per_token
     row = {**common, "bench": "decode", "rows": b, "prompt_len": s, "new_tokens": t,
-           "seconds": seconds, "tokens_per_second": b * t / seconds,
+           "decode_phases": resolve_decode_phases(args.decode_phases, t),
+           "seconds": seconds, "compile_seconds": first - seconds,
+           "tokens_per_second": b * t / seconds,
            "bytes_per_step_gb": bytes_per_step / 1e9}  # fmt: skip
     if hbm_gbps:
         row["roofline_frac"] = bytes_per_step * t / seconds / (hbm_gbps * 1e9)

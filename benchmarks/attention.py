@@ -34,6 +34,12 @@ def _parse():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--time-up-to", type=int, default=8192, help="time only S <= this")
     p.add_argument("--no-run", action="store_true", help="compile and report memory only")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="q, k, v dtype (cudnn needs bfloat16)",
+    )
     return p.parse_args()
 
 
@@ -48,16 +54,17 @@ def main():
 
     for s in args.lengths:
         rng = np.random.default_rng(0)
-        q = jnp.asarray(rng.standard_normal((1, s, args.heads, args.head_dim)), jnp.float32)
-        k = jnp.asarray(rng.standard_normal((1, args.kv_heads, s, args.head_dim)), jnp.float32)
-        v = jnp.asarray(rng.standard_normal((1, args.kv_heads, s, args.head_dim)), jnp.float32)
+        dtype = jnp.dtype(args.dtype)
+        q = jnp.asarray(rng.standard_normal((1, s, args.heads, args.head_dim)), dtype)
+        k = jnp.asarray(rng.standard_normal((1, args.kv_heads, s, args.head_dim)), dtype)
+        v = jnp.asarray(rng.standard_normal((1, args.kv_heads, s, args.head_dim)), dtype)
         q_slots = jnp.arange(s, dtype=jnp.int32)
         kv_mask = jnp.ones((1, s), bool)
         for impl in args.impls:
 
             def loss(q, k, v, impl=impl, q_slots=q_slots, kv_mask=kv_mask):
                 out = attention(q, k, v, q_slots, kv_mask, impl=impl, block_size=args.block)
-                return jnp.sum(out * out)
+                return jnp.sum(jnp.square(out.astype(jnp.float32)))
 
             fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
             t0 = time.perf_counter()
@@ -70,6 +77,7 @@ def main():
                 "heads": args.heads,
                 "kv_heads": args.kv_heads,
                 "head_dim": args.head_dim,
+                "dtype": args.dtype,
                 "block": args.block if impl == "chunked" else None,
                 "temp_mib": mem.temp_size_in_bytes / 2**20,
                 "compile_seconds": round(compile_s, 2),
