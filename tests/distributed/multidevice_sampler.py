@@ -4,7 +4,7 @@
 tensor=2) with the parameters placed by the trainer's rules: the rows are
 sharded over (data, fsdp), the outputs come back sharded by rows (not
 replicated), and they equal the single-device outputs (same keys), with
-and without prefix sharing and with REFT. A row count that does not divide
+and without prefix sharing, with REFT and with decode phases. A row count that does not divide
 over the row shards is a clear error. Prints ``OK``.
 """
 
@@ -43,6 +43,8 @@ cases = {
     "plain": dict(),
     "groups": dict(group_size=G),  # prefix sharing
     "reft": dict(group_size=G, first_token="reft", reft_top_n=8, reft_k=2),
+    # three decode loops over a cache grown between them, kept sharded
+    "phases": dict(group_size=G, decode_phases=3),
 }
 common = dict(max_new_tokens=T, temperature=1.0, eos_ids=(2,), pad_id=0)
 want = {name: sample(model, tokens, mask, key, **common, **kw) for name, kw in cases.items()}
