@@ -460,7 +460,12 @@ def resolve_decode_phases(
     so auto keeps one loop; pass an int to choose.
     """
     if decode_phases is not None:
-        return _positive_int("decode_phases", decode_phases)
+        if isinstance(decode_phases, (int, np.integer)) and not isinstance(decode_phases, bool):
+            if decode_phases >= 1:
+                return int(decode_phases)
+        raise ValueError(
+            f"sample: decode_phases must be None (auto) or a positive int, got {decode_phases!r}"
+        )
     backend = jax.default_backend() if backend is None else backend
     if backend == "cpu" and max_new_tokens >= AUTO_DECODE_PHASES_MIN_TOKENS:
         return AUTO_DECODE_PHASES

@@ -364,8 +364,11 @@ def test_decode_phases_auto_rule():
         assert resolve_decode_phases(None, 4096, accelerator) == 1
     assert resolve_decode_phases(3, 4096, "gpu") == 3
     assert resolve_decode_phases(1, 4096, "cpu") == 1
-    with pytest.raises(ValueError, match="decode_phases must be a positive int, got 0"):
-        resolve_decode_phases(0, 128, "cpu")
+    for bad in (0, -2, True, 2.0, "auto"):
+        with pytest.raises(
+            ValueError, match=r"decode_phases must be None \(auto\) or a positive int"
+        ):
+            resolve_decode_phases(bad, 128, "cpu")
 
 
 def test_sample_defaults_to_the_auto_decode_phases(model, h, monkeypatch):
@@ -383,7 +386,9 @@ def test_sample_defaults_to_the_auto_decode_phases(model, h, monkeypatch):
 def test_decode_phases_are_checked(model, h):
     prompt, prompt_mask = h.left_padded(14)
     for bad in (0, True, 2.0):
-        with pytest.raises(ValueError, match="decode_phases must be a positive int"):
+        with pytest.raises(
+            ValueError, match=r"decode_phases must be None \(auto\) or a positive int"
+        ):
             sample(model, prompt, prompt_mask, h.key(0), max_new_tokens=4, decode_phases=bad)
     # More parts than decode steps: one step each.
     out = sample(model, prompt, prompt_mask, h.key(0), max_new_tokens=3, decode_phases=50)
