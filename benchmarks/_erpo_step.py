@@ -68,7 +68,7 @@ def measure(args: Any, loss_name: str, common: dict[str, Any]) -> dict[str, Any]
     update = make_update_fn(graphdef, tx, schedule, loss_fn, cfg, micro_batches=1, max_len=t,
                             temperature=1.0, arca=False, old_from_forward=on_policy,
                             **chunk)  # fmt: skip
-    score = make_score_fn(graphdef, temperature=1.0, **chunk)
+    score = make_score_fn(graphdef, temperature=1.0, entropy=False, **chunk)  # as the trainer
     state = {"params": trainable, "opt_state": tx.init(trainable), "step": jnp.int32(0)}
     state = place_state(state, mesh)
     rng = np.random.default_rng(0)

@@ -232,7 +232,8 @@ def _build(cfg: RunConfig, out: Path, log: Callable[[str], None]) -> _Run:
         # a group's G rows share one prompt: its positions run once per group
         group_size=cfg.rollout.group_size,
     )
-    score_fn = make_score_fn(graphdef, temperature=temperature, **chunk)
+    # Old and reference log-probs only: no entropy pass over the vocabulary.
+    score_fn = make_score_fn(graphdef, temperature=temperature, entropy=False, **chunk)
     old_in_update = old_logp_in_update(cfg)
     loss_fn = make_loss_fn(cfg.loss, max_len=cfg.rollout.max_new_tokens, total_steps=total_updates)
     update_fn = make_update_fn(

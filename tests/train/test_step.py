@@ -230,6 +230,31 @@ def test_step_zero_progress_signal_is_exactly_zero():
     assert float(jnp.max(jnp.abs(s))) == 0.0
 
 
+def test_score_without_entropy_gives_the_same_logp_and_no_entropy():
+    """make_score_fn(entropy=False) (the trainer's old/reference scoring) returns the
+    log-probs the full scorer returns, bit for bit, and None for the entropy; the
+    full scorer's entropy is the NumPy softmax entropy of the model's logits."""
+    graphdef, trainable, frozen, _, _, score, _ = _setup("erpo")
+    lean = make_score_fn(graphdef, temperature=1.0, chunk_size=8, vocab_chunk_size=None,
+                         entropy=False)  # fmt: skip
+    batch = {k: jnp.asarray(v) for k, v in _batch().items()}
+    logp, entropy = score(trainable, frozen, batch, True)
+    logp_only, none = lean(trainable, frozen, batch, True)
+    assert none is None
+    assert np.array_equal(np.asarray(logp_only), np.asarray(logp))
+    model = nnx.merge(graphdef, trainable, frozen)
+    full = np.concatenate([batch["prompt_tokens"], batch["tokens"]], axis=1)
+    full_mask = np.concatenate([batch["prompt_mask"], batch["mask"]], axis=1)
+    logits = np.asarray(model(jnp.asarray(full), jnp.asarray(full_mask)), np.float64)
+    s = batch["prompt_tokens"].shape[1]
+    z = logits[:, s - 1 : -1]  # the positions that predict the completion tokens
+    z = z - z.max(-1, keepdims=True)
+    p = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+    want = -(p * np.log(p)).sum(-1)
+    m = np.asarray(batch["mask"])
+    np.testing.assert_allclose(np.asarray(entropy)[m], want[m], atol=2e-4)
+
+
 def test_update_moves_parameters_and_reports_metrics():
     _, trainable, frozen, tx, update, score, cfg = _setup("erpo")
     batch = _full_batch(trainable, frozen, score, cfg)
