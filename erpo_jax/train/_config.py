@@ -698,11 +698,14 @@ _RESUMABLE = {
     "keep_checkpoints",
     "eval_every",
     "profile_step",
-    # how the run is computed, not what: the same programs from a cache, and
-    # the same losses and updates on fewer padding columns (equal up to float
-    # rounding, so a resume that changes it is no longer bit-exact)
+    # how the run is computed, not what: the same programs from a cache, the
+    # same losses and updates on fewer padding columns, and the same samples
+    # from a decode loop split in phases (equal up to float rounding, so a
+    # resume that changes one is no longer bit-exact; a run saved with the
+    # old default rollout.decode_phases=1 resumes under the new null)
     "compilation_cache_dir",
     "train.length_buckets",
+    "rollout.decode_phases",
 }
 
 

@@ -87,6 +87,8 @@ def test_config_diff_ignores_bookkeeping_keys():
                 "checkpoint_every=5",
                 "compilation_cache_dir=null",
                 "train.length_buckets=1",
+                # a checkpoint from before decode_phases defaulted to null (auto)
+                "rollout.decode_phases=1",
             ],
         )
     )
