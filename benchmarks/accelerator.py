@@ -8,7 +8,10 @@ JSON lines:
   prefix shared per group of ``--group``), new tokens per second, and the
   fraction of the HBM-bandwidth roofline it reaches: each decode step must
   read every parameter once and the whole KV cache written so far, so
-  ``roofline_frac = bytes_read_per_second / hbm_bytes_per_second``.
+  ``roofline_frac = bytes_read_per_second / hbm_bytes_per_second``
+  (``bytes_per_step_gb``). ``read_roofline_frac`` counts what the sampler
+  actually streams instead (``bytes_read_per_step_gb``): each group's prompt
+  once, and each row's slots of the decode phase's cache, written or not.
 - ``train_step``: the trainer's jitted update (``make_update_fn``, GRPO loss,
   AdamW, float32 parameters, bfloat16 compute) on ``--train-rows`` rows of
   ``--prompt-len + --new-tokens`` tokens; model FLOPs utilisation with
@@ -201,14 +204,34 @@ def _decode(config, args, common, hbm_gbps) -> None:
     kv_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * 2  # bf16
     mean_cache = s + t / 2
     bytes_per_step = n_params * 2 + b * mean_cache * kv_per_token
+    phases = resolve_decode_phases(args.decode_phases, t)
+    read_per_step = n_params * 2 + _cache_slots_read(b, args.group, s, t, phases) * kv_per_token
     row = {**common, "bench": "decode", "rows": b, "prompt_len": s, "new_tokens": t,
-           "decode_phases": resolve_decode_phases(args.decode_phases, t),
+           "decode_phases": phases,
            "seconds": seconds, "compile_seconds": first - seconds,
            "tokens_per_second": b * t / seconds,
-           "bytes_per_step_gb": bytes_per_step / 1e9}  # fmt: skip
+           "bytes_per_step_gb": bytes_per_step / 1e9,
+           "bytes_read_per_step_gb": read_per_step / 1e9}  # fmt: skip
     if hbm_gbps:
         row["roofline_frac"] = bytes_per_step * t / seconds / (hbm_gbps * 1e9)
+        row["read_roofline_frac"] = read_per_step * t / seconds / (hbm_gbps * 1e9)
     print(json.dumps(row), flush=True)
+
+
+def _cache_slots_read(b: int, group: int, s: int, t: int, phases: int) -> float:
+    """KV-cache slots the sampler streams per decode step, averaged over its ``t - 1`` steps.
+
+    Each group's ``s`` prompt slots are read once (the shared prefix), and
+    each row reads its own slots of the step's phase cache: all ``t - 1``
+    with one loop, ``end - 1`` in the phase ending before step ``end``
+    (``erpo_jax.sampling``'s phase split). ``bytes_per_step_gb`` instead
+    counts ``s + t / 2`` slots per row, the cache written so far on average.
+    """
+    steps = range(1, t)
+    n = max(1, min(phases, t - 1))
+    ends = [1 + -(-(t - 1) * (i + 1) // n) for i in range(n)]
+    own = [next(e - 1 for e in ends if j < e) for j in steps]
+    return (b // group) * s + b * sum(own) / max(1, len(own))
 
 
 def _rollout_vs_transformers(config, args, common) -> None:

@@ -33,6 +33,15 @@ def test_accelerator_model_bench_smoke_runs_decode_phases_and_a_train_step():
     decode, train = (next(r for r in rows if r.get("bench") == b) for b in ("decode", "train_step"))
     assert (decode["rows"], decode["new_tokens"], decode["decode_phases"]) == (16, 16, 2)
     assert decode["tokens_per_second"] == pytest.approx(16 * 16 / decode["seconds"])
+    # Slots per step, 16 rows in groups of 8, prompt 16, 16 new tokens (15 decode
+    # steps), KV bytes per slot 2 * 2 layers * 2 KV heads * 16 * 2 (bf16) = 256:
+    # the cache written so far averages 16 + 16 / 2 slots per row; the sampler
+    # streams each group's prompt once and, in 2 phases ending before steps 9
+    # and 16, 8 own slots for 8 steps and 15 for 7.
+    needed = 16 * (16 + 16 / 2)
+    read = 2 * 16 + 16 * (8 * 8 + 7 * 15) / 15
+    gap = (decode["bytes_per_step_gb"] - decode["bytes_read_per_step_gb"]) * 1e9
+    assert gap == pytest.approx((needed - read) * 256, rel=1e-6)
     assert train["rows"] == 16 and train["seconds"] > 0
     assert 0 < train["loss"] < 10  # a finite GRPO loss of a random model
 
