@@ -35,6 +35,11 @@ def _parse():
     p.add_argument("--time-up-to", type=int, default=8192, help="time only S <= this")
     p.add_argument("--no-run", action="store_true", help="compile and report memory only")
     p.add_argument(
+        "--no-causal-blocks",
+        action="store_true",
+        help="chunked without causal_offset: every query block over every key block",
+    )
+    p.add_argument(
         "--dtype",
         choices=("float32", "bfloat16"),
         default="float32",
@@ -63,7 +68,10 @@ def main():
         for impl in args.impls:
 
             def loss(q, k, v, impl=impl, q_slots=q_slots, kv_mask=kv_mask):
-                out = attention(q, k, v, q_slots, kv_mask, impl=impl, block_size=args.block)
+                # causal_offset=0: queries at slots arange(S), as the decoder calls
+                # it (chunked then skips the key blocks after each query block).
+                out = attention(q, k, v, q_slots, kv_mask, impl=impl, block_size=args.block,
+                                causal_offset=None if args.no_causal_blocks else 0)  # fmt: skip
                 return jnp.sum(jnp.square(out.astype(jnp.float32)))
 
             fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
@@ -78,6 +86,7 @@ def main():
                 "kv_heads": args.kv_heads,
                 "head_dim": args.head_dim,
                 "dtype": args.dtype,
+                "causal_blocks": impl == "chunked" and not args.no_causal_blocks,
                 "block": args.block if impl == "chunked" else None,
                 "temp_mib": mem.temp_size_in_bytes / 2**20,
                 "compile_seconds": round(compile_s, 2),

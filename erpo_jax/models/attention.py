@@ -26,7 +26,8 @@ one:
   this reads ``G`` times fewer prefix bytes than a copied prompt would).
 
 A query with no visible key (a padding position) attends uniformly over all
-``C`` slots; its output is finite and meaningless, as the reference's is.
+``C`` slots (``chunked`` with a ``causal_offset``: over its query block's
+keys); its output is finite and meaningless, as the reference's is.
 Scores, the softmax and its statistics are float32 whatever the input dtype,
 and float32 inputs get full-precision matmuls (:func:`matmul_precision`).
 
@@ -144,6 +145,7 @@ def attention(
     block_size: int = 512,
     mesh: Any = None,
     keys_transposed: bool = False,
+    causal_offset: int | None = None,
 ) -> Float[Array, "B S NH"]:
     """Softmax attention of ``q`` over ``k, v``; returns ``[B, S, N * H]`` in ``v``'s dtype.
 
@@ -158,6 +160,14 @@ def attention(
         over; ``splash`` runs per device under ``shard_map`` on it.
       keys_transposed: ``k`` is ``[B, K, H, C]``, a KV cache's layout.
       prefix: see the module docstring; ``impl`` is then not used.
+      causal_offset: the caller's static promise that ``q_slots`` is
+        ``causal_offset + arange(S)`` (a cache-free forward: 0; continuations
+        after ``P`` prompt keys: ``P``). ``chunked`` then runs the queries
+        in equal blocks of at most ``block_size``, each over the keys up to
+        its last query's slot only, since every later key is masked for the
+        whole block: about half the work and the score memory of a long
+        causal self-attention. None: no such promise, every query block sees
+        every key. A wrong promise drops visible keys.
     """
     s, n, h = q.shape[1], q.shape[2], q.shape[3]
     kh, c = v.shape[1], v.shape[2]
@@ -177,7 +187,9 @@ def attention(
     if keys_transposed:
         k = jnp.swapaxes(k, 2, 3)
     if impl == "chunked":
-        return _chunked_attention(q, k, v, q_slots, kv_mask, block_size=block_size)
+        return _chunked_attention(
+            q, k, v, q_slots, kv_mask, block_size=block_size, causal_offset=causal_offset
+        )
     if impl == "splash":
         return _splash_attention(q, k, v, kv_mask, mesh=mesh)
     return _dot_product_attention(q, k, v, q_slots, kv_mask, implementation=impl)
@@ -363,20 +375,36 @@ def _block_scores(qg, kb, q_slots, mask_b, slots_b, g, scale, c):
     return jnp.where(slots_b < c, scores, _PADDED), allowed
 
 
-def _chunked_forward(qg, k, v, q_slots, kv_mask, g, block):
+def _first_blocks(xs, nkb):
+    """The scan input over the first ``nkb`` key blocks of ``xs`` (all: ``xs`` itself).
+
+    Fewer blocks are read by index from the whole block-major arrays inside
+    the loop, not sliced off first: a slice would copy them, once per query
+    block of a causal attention (and keep the copies for the backward).
+    """
+    nb = xs[-1].shape[0]
+    if nkb is None or nkb >= nb:
+        return xs, lambda x: x
+    return jnp.arange(nkb), lambda j: jax.tree.map(lambda x: x[j], xs)
+
+
+def _chunked_forward(qg, k, v, q_slots, kv_mask, g, block, nkb=None):
     """``(out [B, K, G*S, H] float32, (m, denom))`` by an online softmax over key blocks.
 
     ``m`` is each row's running maximum score and ``denom`` its softmax
     denominator at ``m``; the backward recomputes ``p = exp(s - m) / denom``.
+    ``nkb``: only the first ``nkb`` key blocks (the later ones are masked for
+    every query; None: all).
     """
     h, c = qg.shape[-1], k.shape[2]
     scale = 1.0 / math.sqrt(h)
     xs, _ = _key_blocks(k, v, kv_mask, block)
+    scan_xs, take = _first_blocks(xs, nkb)
     rows = qg.shape[:3]
 
     def body(carry, x):
         m, denom, acc = carry
-        kb, vb, mask_b, slots_b = x
+        kb, vb, mask_b, slots_b = take(x)
         scores, _ = _block_scores(qg, kb, q_slots, mask_b, slots_b, g, scale, c)
         m_new = jnp.maximum(m, jnp.max(scores, axis=-1))
         correction = jnp.exp(m - m_new)
@@ -393,33 +421,54 @@ def _chunked_forward(qg, k, v, q_slots, kv_mask, g, block):
         jnp.zeros(rows, jnp.float32),
         jnp.zeros((*rows, h), jnp.float32),
     )
-    (m, denom, acc), _ = jax.lax.scan(body, init, xs)
+    (m, denom, acc), _ = jax.lax.scan(body, init, scan_xs)
     return acc / denom[..., None], (m, denom)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _chunked_core(qg, k, v, q_slots, kv_mask, g, block):
-    out, _ = _chunked_forward(qg, k, v, q_slots, kv_mask, g, block)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _chunked_core(qg, k, v, q_slots, kv_mask, g, block, nkb=None):
+    out, _ = _chunked_forward(qg, k, v, q_slots, kv_mask, g, block, nkb)
     return out
 
 
-def _chunked_core_fwd(qg, k, v, q_slots, kv_mask, g, block):
-    out, (m, denom) = _chunked_forward(qg, k, v, q_slots, kv_mask, g, block)
+def _chunked_core_fwd(qg, k, v, q_slots, kv_mask, g, block, nkb=None):
+    out, (m, denom) = _chunked_forward(qg, k, v, q_slots, kv_mask, g, block, nkb)
     return out, (qg, k, v, q_slots, kv_mask, out, m, denom)
 
 
-def _chunked_core_bwd(g, block, res, d_out):
+def _chunked_core_bwd(g, block, nkb, res, d_out):
     qg, k, v, q_slots, kv_mask, out, m, denom = res
-    h = qg.shape[-1]
     c = k.shape[2]
-    scale = 1.0 / math.sqrt(h)
     xs, nb = _key_blocks(k, v, kv_mask, block)
+    dq, dk, dv = _block_backward(qg, xs, q_slots, out, m, denom, d_out, g, c, nkb)
+    return (
+        dq.astype(qg.dtype),
+        _unblock(dk, nb, block, c).astype(k.dtype),
+        _unblock(dv, nb, block, c).astype(v.dtype),
+        None,
+        None,
+    )
+
+
+def _unblock(x, nb, block, c):
+    """``[n, B, K, block, H]`` gradients of the first ``n`` key blocks -> ``[B, K, C, H]``."""
+    x = jnp.pad(x, ((0, nb - x.shape[0]),) + ((0, 0),) * (x.ndim - 1))
+    x = jnp.moveaxis(x, 0, 2)
+    return x.reshape(*x.shape[:2], nb * block, x.shape[-1])[:, :, :c]
+
+
+def _block_backward(qg, xs, q_slots, out, m, denom, d_out, g, c, nkb):
+    """``(dq, dk, dv)`` of the grouped queries ``qg`` over the first ``nkb`` key
+    blocks of ``xs`` (all: None); ``dk``, ``dv`` block-major ``[nkb, B, K, block, H]``."""
+    h = qg.shape[-1]
+    scale = 1.0 / math.sqrt(h)
+    scan_xs, take = _first_blocks(xs, nkb)
     d_out = d_out.astype(jnp.float32)
     delta = jnp.sum(d_out * out, axis=-1)  # [B, K, G*S]
     prec = matmul_precision(qg.dtype)
 
     def body(dq, x):
-        kb, vb, mask_b, slots_b = x
+        kb, vb, mask_b, slots_b = take(x)
         scores, allowed = _block_scores(qg, kb, q_slots, mask_b, slots_b, g, scale, c)
         p = jnp.exp(scores - m[..., None]) / denom[..., None]  # the forward's, recomputed
         dv = jnp.einsum("bkqc,bkqh->bkch", p, d_out, precision=prec)
@@ -430,36 +479,98 @@ def _chunked_core_bwd(g, block, res, d_out):
         dk = jnp.einsum("bkqc,bkqh->bkch", ds, qg.astype(jnp.float32), precision=prec)
         return dq, (dk, dv)
 
-    dq, (dk, dv) = jax.lax.scan(body, jnp.zeros(qg.shape, jnp.float32), xs)
-
-    def unblock(x):  # [nb, B, K, block, H] -> [B, K, C, H]
-        x = jnp.moveaxis(x, 0, 2)
-        return x.reshape(*x.shape[:2], nb * block, h)[:, :, :c]
-
-    return (
-        dq.astype(qg.dtype),
-        unblock(dk).astype(k.dtype),
-        unblock(dv).astype(v.dtype),
-        None,
-        None,
-    )
+    dq, (dk, dv) = jax.lax.scan(body, jnp.zeros(qg.shape, jnp.float32), scan_xs)
+    return dq, dk, dv
 
 
 _chunked_core.defvjp(_chunked_core_fwd, _chunked_core_bwd)
 
 
-def _chunked_attention(q, k, v, q_slots, kv_mask, *, block_size):
+def _causal_forward(q, k, v, q_slots, kv_mask, g, block, spans):
+    """Each query span ``(i0, i1, nkb)`` over its first ``nkb`` key blocks:
+    ``(outs [B, K, G*(i1-i0), H] float32, stats (m, denom))`` per span."""
+    kh = k.shape[1]
+    outs, stats = [], []
+    for i0, i1, nkb in spans:
+        out, st = _chunked_forward(_group(q[:, i0:i1], kh), k, v, q_slots[i0:i1], kv_mask, g,
+                                   block, nkb)  # fmt: skip
+        outs.append(out)
+        stats.append(st)
+    return tuple(outs), tuple(stats)
+
+
+def _join(outs, spans):
+    """The spans' grouped outputs as one ``[B, S, N * H]`` float32 array."""
+    parts = [_ungroup(o, i1 - i0) for o, (i0, i1, _) in zip(outs, spans, strict=True)]
+    return jnp.concatenate(parts, axis=1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _causal_core(q, k, v, q_slots, kv_mask, g, block, spans):
+    """Causal chunked attention in query spans, ``q [B, S, N, H]`` -> ``[B, S, N * H]``
+    float32; one custom VJP over all spans, so the key and value gradients
+    accumulate in one buffer (each span adds its first ``nkb`` blocks)."""
+    return _join(_causal_forward(q, k, v, q_slots, kv_mask, g, block, spans)[0], spans)
+
+
+def _causal_core_fwd(q, k, v, q_slots, kv_mask, g, block, spans):
+    outs, stats = _causal_forward(q, k, v, q_slots, kv_mask, g, block, spans)
+    return _join(outs, spans), (q, k, v, q_slots, kv_mask, outs, stats)
+
+
+def _causal_core_bwd(g, block, spans, res, d_out):
+    q, k, v, q_slots, kv_mask, outs, stats = res
+    b, s, n, h = q.shape
+    kh, c = k.shape[1], k.shape[2]
+    xs, nb = _key_blocks(k, v, kv_mask, block)
+    dk = jnp.zeros((nb, b, kh, block, h), jnp.float32)
+    dv = jnp.zeros((nb, b, kh, block, h), jnp.float32)
+    d_out = d_out.reshape(b, s, n, h)
+    dqs = []
+    for (i0, i1, nkb), out, (m, denom) in zip(spans, outs, stats, strict=True):
+        dq_i, dk_i, dv_i = _block_backward(
+            _group(q[:, i0:i1], kh), xs, q_slots[i0:i1], out, m, denom,
+            _group(d_out[:, i0:i1], kh), g, c, nkb,
+        )  # fmt: skip
+        dk = dk.at[:nkb].add(dk_i)
+        dv = dv.at[:nkb].add(dv_i)
+        dqs.append(_ungroup(dq_i, i1 - i0).reshape(b, i1 - i0, n, h))
+    return (
+        jnp.concatenate(dqs, axis=1).astype(q.dtype),
+        _unblock(dk, nb, block, c).astype(k.dtype),
+        _unblock(dv, nb, block, c).astype(v.dtype),
+        None,
+        None,
+    )
+
+
+_causal_core.defvjp(_causal_core_fwd, _causal_core_bwd)
+
+
+def _chunked_attention(q, k, v, q_slots, kv_mask, *, block_size, causal_offset=None):
     s = q.shape[1]
     kh, c = k.shape[1], k.shape[2]
     g = q.shape[2] // kh
+    q_slots = jnp.asarray(q_slots, jnp.int32)
+    kv_mask = jnp.asarray(kv_mask, bool)
+
     # Equal blocks of at most block_size keys: c = 520 runs as 2 x 260, not
     # 512 + 8 padded to 2 x 512 (which made it 1.7x slower than xla).
     nb = -(-c // max(1, block_size))
     block = max(1, -(-c // nb))
-    q_slots = jnp.asarray(q_slots, jnp.int32)
-    kv_mask = jnp.asarray(kv_mask, bool)
-    out = _chunked_core(_group(q, kh), k, v, q_slots, kv_mask, g, block)
-    return _ungroup(out.astype(v.dtype), s)
+
+    if causal_offset is None or s <= block_size:
+        out = _chunked_core(_group(q, kh), k, v, q_slots, kv_mask, g, block)
+        return _ungroup(out.astype(v.dtype), s)
+    # Causal blocks: equal query blocks, each over the key blocks up to its
+    # last query's slot (causal_offset + its end); the rest are masked for it.
+    nq = -(-s // max(1, block_size))
+    qb = -(-s // nq)
+    spans = tuple(
+        (i0, min(s, i0 + qb), -(-min(c, causal_offset + min(s, i0 + qb)) // block))
+        for i0 in range(0, s, qb)
+    )
+    return _causal_core(q, k, v, q_slots, kv_mask, g, block, spans).astype(v.dtype)
 
 
 # ---------------------------------------------------------------- jax.nn

@@ -698,7 +698,9 @@ class Decoder(nnx.Module):
 
         return pin, unpin
 
-    def _block_fn(self, *, use_lora, gather, keys_transposed=False):
+    def _block_fn(self, *, use_lora, gather, keys_transposed=False, causal_offset=None):
+        """``causal_offset``: see :func:`~erpo_jax.models.attention.attention` (the
+        block's queries sit at slots ``causal_offset + arange(S)`` of its keys)."""
         return functools.partial(
             _block,
             config=self.config,
@@ -711,6 +713,7 @@ class Decoder(nnx.Module):
                 block_size=self.attention_block,
                 mesh=self.attention_mesh,
                 keys_transposed=keys_transposed,
+                causal_offset=causal_offset,
             ),
             gather=gather,
         )
@@ -733,8 +736,13 @@ class Decoder(nnx.Module):
         sharding = self.residual_sharding if cache is None else None
         pin, unpin = self._pins(sharding, x.shape[0])
         # A cached step attends to the cache's keys as stored, slots minor.
+        # Cache-free and fresh (prefill) calls attend their own keys from
+        # slot 0: queries at slots arange(S) (causal_offset 0).
         block = self._block_fn(
-            use_lora=use_lora, gather=unpin, keys_transposed=cache is not None and not fresh
+            use_lora=use_lora,
+            gather=unpin,
+            keys_transposed=cache is not None and not fresh,
+            causal_offset=0 if cache is None or fresh else None,
         )
 
         def layer(p, x, cache_k, cache_v, prefix=None):
@@ -792,8 +800,10 @@ class Decoder(nnx.Module):
         sharding = self.residual_sharding
         pin_p, unpin_p = self._pins(sharding, xp.shape[0])
         pin_c, unpin_c = self._pins(sharding, xc.shape[0])
-        block_p = self._block_fn(use_lora=use_lora, gather=unpin_p)
-        block_c = self._block_fn(use_lora=use_lora, gather=unpin_c)
+        # The prompts attend their own keys from slot 0; the continuations
+        # sit after their prompt's S keys (q_slots S + arange(T)).
+        block_p = self._block_fn(use_lora=use_lora, gather=unpin_p, causal_offset=0)
+        block_c = self._block_fn(use_lora=use_lora, gather=unpin_c, causal_offset=xp.shape[1])
 
         def layer(p, xp, xc):
             prefix = []
