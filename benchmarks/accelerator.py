@@ -224,12 +224,13 @@ def _cache_slots_read(b: int, group: int, s: int, t: int, phases: int) -> float:
     Each group's ``s`` prompt slots are read once (the shared prefix), and
     each row reads its own slots of the step's phase cache: all ``t - 1``
     with one loop, ``end - 1`` in the phase ending before step ``end``
-    (``erpo_jax.sampling``'s phase split). ``bytes_per_step_gb`` instead
+    (the sampler's own split, ``phase_ends``). ``bytes_per_step_gb`` instead
     counts ``s + t / 2`` slots per row, the cache written so far on average.
     """
+    from erpo_jax.sampling._sampler import phase_ends
+
     steps = range(1, t)
-    n = max(1, min(phases, t - 1))
-    ends = [1 + -(-(t - 1) * (i + 1) // n) for i in range(n)]
+    ends = phase_ends(t, phases)
     own = [next(e - 1 for e in ends if j < e) for j in steps]
     return (b // group) * s + b * sum(own) / max(1, len(own))
 

@@ -388,17 +388,16 @@ def _first_blocks(xs, nkb):
     return jnp.arange(nkb), lambda j: jax.tree.map(lambda x: x[j], xs)
 
 
-def _chunked_forward(qg, k, v, q_slots, kv_mask, g, block, nkb=None):
+def _chunked_forward(qg, xs, q_slots, g, c, nkb=None):
     """``(out [B, K, G*S, H] float32, (m, denom))`` by an online softmax over key blocks.
 
-    ``m`` is each row's running maximum score and ``denom`` its softmax
-    denominator at ``m``; the backward recomputes ``p = exp(s - m) / denom``.
-    ``nkb``: only the first ``nkb`` key blocks (the later ones are masked for
-    every query; None: all).
+    ``xs``: the ``C`` keys' :func:`_key_blocks`. ``m`` is each row's running
+    maximum score and ``denom`` its softmax denominator at ``m``; the
+    backward recomputes ``p = exp(s - m) / denom``. ``nkb``: only the first
+    ``nkb`` key blocks (the later ones are masked for every query; None: all).
     """
-    h, c = qg.shape[-1], k.shape[2]
+    h = qg.shape[-1]
     scale = 1.0 / math.sqrt(h)
-    xs, _ = _key_blocks(k, v, kv_mask, block)
     scan_xs, take = _first_blocks(xs, nkb)
     rows = qg.shape[:3]
 
@@ -427,12 +426,14 @@ def _chunked_forward(qg, k, v, q_slots, kv_mask, g, block, nkb=None):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def _chunked_core(qg, k, v, q_slots, kv_mask, g, block, nkb=None):
-    out, _ = _chunked_forward(qg, k, v, q_slots, kv_mask, g, block, nkb)
+    xs, _ = _key_blocks(k, v, kv_mask, block)
+    out, _ = _chunked_forward(qg, xs, q_slots, g, k.shape[2], nkb)
     return out
 
 
 def _chunked_core_fwd(qg, k, v, q_slots, kv_mask, g, block, nkb=None):
-    out, (m, denom) = _chunked_forward(qg, k, v, q_slots, kv_mask, g, block, nkb)
+    xs, _ = _key_blocks(k, v, kv_mask, block)
+    out, (m, denom) = _chunked_forward(qg, xs, q_slots, g, k.shape[2], nkb)
     return out, (qg, k, v, q_slots, kv_mask, out, m, denom)
 
 
@@ -489,11 +490,11 @@ _chunked_core.defvjp(_chunked_core_fwd, _chunked_core_bwd)
 def _causal_forward(q, k, v, q_slots, kv_mask, g, block, spans):
     """Each query span ``(i0, i1, nkb)`` over its first ``nkb`` key blocks:
     ``(outs [B, K, G*(i1-i0), H] float32, stats (m, denom))`` per span."""
-    kh = k.shape[1]
+    kh, c = k.shape[1], k.shape[2]
+    xs, _ = _key_blocks(k, v, kv_mask, block)  # once, read by every span
     outs, stats = [], []
     for i0, i1, nkb in spans:
-        out, st = _chunked_forward(_group(q[:, i0:i1], kh), k, v, q_slots[i0:i1], kv_mask, g,
-                                   block, nkb)  # fmt: skip
+        out, st = _chunked_forward(_group(q[:, i0:i1], kh), xs, q_slots[i0:i1], g, c, nkb)
         outs.append(out)
         stats.append(st)
     return tuple(outs), tuple(stats)

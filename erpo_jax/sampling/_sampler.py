@@ -106,10 +106,17 @@ def _phases(static: _Static, markers: int) -> list[tuple[int, int]]:
     """
     t_max, c = static.max_new_tokens, static.cache_length
     s = c - t_max + 1
-    first = markers + 1
-    n = max(1, min(static.decode_phases, t_max - first))
-    ends = [first + -(-(t_max - first) * (i + 1) // n) for i in range(n)]
+    ends = phase_ends(t_max, static.decode_phases, markers)
     return [(end, min(c, s + end - 1)) for end in ends]
+
+
+def phase_ends(max_new_tokens: int, decode_phases: int, markers: int = 0) -> list[int]:
+    """The steps before which each of the ``decode_phases`` loops ends: the decode
+    steps ``markers + 1 .. max_new_tokens - 1`` in equal ranges (at least one
+    step each). The phase ending before step ``end`` has ``end - 1`` own slots."""
+    first = markers + 1
+    n = max(1, min(decode_phases, max_new_tokens - first))
+    return [first + -(-(max_new_tokens - first) * (i + 1) // n) for i in range(n)]
 
 
 def _grow(cache: KVCache, slots: int) -> KVCache:
@@ -460,21 +467,16 @@ def resolve_decode_phases(
     so auto keeps one loop; pass an int to choose.
     """
     if decode_phases is not None:
-        if isinstance(decode_phases, (int, np.integer)) and not isinstance(decode_phases, bool):
-            if decode_phases >= 1:
-                return int(decode_phases)
-        raise ValueError(
-            f"sample: decode_phases must be None (auto) or a positive int, got {decode_phases!r}"
-        )
+        return _positive_int("decode_phases", decode_phases, "None (auto) or a positive int")
     backend = jax.default_backend() if backend is None else backend
     if backend == "cpu" and max_new_tokens >= AUTO_DECODE_PHASES_MIN_TOKENS:
         return AUTO_DECODE_PHASES
     return 1
 
 
-def _positive_int(name: str, value: Any) -> int:
+def _positive_int(name: str, value: Any, allowed: str = "a positive int") -> int:
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"sample: {name} must be a positive int, got {value!r}")
+        raise ValueError(f"sample: {name} must be {allowed}, got {value!r}")
     return int(value)
 
 
