@@ -46,6 +46,7 @@ def measure(args: Any, loss_name: str, common: dict[str, Any]) -> dict[str, Any]
         make_update_fn,
         place_params,
         place_state,
+        resolve_micro_batches,
         split_policy,
     )
 
@@ -65,10 +66,14 @@ def measure(args: Any, loss_name: str, common: dict[str, Any]) -> dict[str, Any]
     loss_fn = make_loss_fn(cfg, max_len=t, total_steps=steps)
     chunk = dict(chunk_size=None, vocab_chunk_size=None, group_size=g)
     on_policy = not cfg.needs_old_ref_pair  # the trainer's old_logp_in_update at one update/step
-    update = make_update_fn(graphdef, tx, schedule, loss_fn, cfg, micro_batches=1, max_len=t,
+    # micro_batches=None: the trainer's default (train.micro_batches: null),
+    # chosen from the shapes (resolve_micro_batches); --micro-batches sets it.
+    micro = args.micro_batches
+    update = make_update_fn(graphdef, tx, schedule, loss_fn, cfg, micro_batches=micro, max_len=t,
                             temperature=1.0, arca=False, old_from_forward=on_policy,
                             **chunk)  # fmt: skip
-    score = make_score_fn(graphdef, temperature=1.0, entropy=False, **chunk)  # as the trainer
+    score = make_score_fn(graphdef, temperature=1.0, entropy=False, micro_batches=micro,
+                          **chunk)  # fmt: skip  # as the trainer
     state = {"params": trainable, "opt_state": tx.init(trainable), "step": jnp.int32(0)}
     state = place_state(state, mesh)
     rng = np.random.default_rng(0)
@@ -120,6 +125,7 @@ def measure(args: Any, loss_name: str, common: dict[str, Any]) -> dict[str, Any]
         "update_seconds": med["update"],
         "tokens_per_second": b * t / med["step"],
         "reference_forward": ref is not None,
+        "micro_batches": resolve_micro_batches(micro, groups=p, rows=b, row_tokens=s + t),
         "jax": jax.__version__,
     }
 

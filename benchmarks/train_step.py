@@ -85,6 +85,13 @@ def _parse(argv=None):
         default=0,
         help="TRL per_device_train_batch_size (0: the whole batch of prompts x group)",
     )
+    p.add_argument(
+        "--micro-batches",
+        type=lambda s: None if s == "auto" else int(s),
+        default=None,
+        help="erpo_jax micro-batches of the update and scoring passes (auto: the trainer's "
+        "default, train.micro_batches: null)",
+    )
     p.add_argument("--trl-gradient-checkpointing", action="store_true")
     p.add_argument("--worker", choices=["erpo_jax", "trl"], help=argparse.SUPPRESS)
     return p.parse_args(argv)

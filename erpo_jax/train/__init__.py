@@ -47,15 +47,18 @@ from erpo_jax.train._mesh import (
 )
 from erpo_jax.train._metrics import MetricsWriter, read_metrics
 from erpo_jax.train._step import (
+    AUTO_MICRO_TOKENS,
     make_optimizer,
     make_schedule,
     make_score_fn,
     make_update_fn,
+    resolve_micro_batches,
     split_policy,
 )
 from erpo_jax.train._toy_model import ToyModelRecipe, build_toy_base_model, toy_base_model_dir
 
 __all__ = [
+    "AUTO_MICRO_TOKENS",
     "AXES",
     "DEFAULT_AGG",
     "LOSS_NAMES",
@@ -94,6 +97,7 @@ __all__ = [
     "place_state",
     "read_metrics",
     "residual_sharding",
+    "resolve_micro_batches",
     "split_policy",
     "toy_base_model_dir",
     "train",

@@ -233,7 +233,12 @@ def _build(cfg: RunConfig, out: Path, log: Callable[[str], None]) -> _Run:
         group_size=cfg.rollout.group_size,
     )
     # Old and reference log-probs only: no entropy pass over the vocabulary.
-    score_fn = make_score_fn(graphdef, temperature=temperature, entropy=False, **chunk)
+    # In chunks the size of the update's micro-batches (auto: from the shapes).
+    micro = cfg.train.micro_batches
+    score_micro = None if micro is None else micro * cfg.train.mini_batches
+    score_fn = make_score_fn(
+        graphdef, temperature=temperature, entropy=False, micro_batches=score_micro, **chunk
+    )
     old_in_update = old_logp_in_update(cfg)
     loss_fn = make_loss_fn(cfg.loss, max_len=cfg.rollout.max_new_tokens, total_steps=total_updates)
     update_fn = make_update_fn(

@@ -12,8 +12,9 @@
 - :func:`make_update_fn`: ``(state, frozen, batch) -> (state, metrics)``, one
   optimizer update on a mini-batch of whole groups, gradient-accumulated over
   ``micro_batches`` chunks with the mini-batch's aggregation denominator, so
-  the accumulated gradient equals the full mini-batch gradient exactly. The
-  state is donated. With ``old_from_forward`` (one update per batch, no
+  the accumulated gradient equals the full mini-batch gradient exactly
+  (``None``: :func:`resolve_micro_batches` picks the count from the traced
+  shapes). The state is donated. With ``old_from_forward`` (one update per batch, no
   reference), ``old_logp`` is the update's own forward, detached, as TRL
   does on-policy: no separate scoring pass.
 """
@@ -35,11 +36,13 @@ from erpo_jax.train._config import LossConfig, OptimizerConfig
 from erpo_jax.train._losses import loss_denominator
 
 __all__ = [
+    "AUTO_MICRO_TOKENS",
     "ROW_KEYS",
     "make_optimizer",
     "make_schedule",
     "make_score_fn",
     "make_update_fn",
+    "resolve_micro_batches",
     "split_policy",
 ]
 
@@ -55,6 +58,59 @@ ROW_KEYS = (
     "token_keep",
 )
 """Batch entries with one row per completion (split by rows into micro-batches)."""
+
+AUTO_MICRO_TOKENS = 4096
+"""Tokens per device per micro-batch that ``micro_batches=None`` aims at on CPU."""
+
+
+def resolve_micro_batches(
+    micro_batches: int | None,
+    *,
+    groups: int,
+    rows: int,
+    row_tokens: int,
+    row_shards: int = 1,
+    backend: str | None = None,
+) -> int:
+    """The micro-batches a scoring or update pass over ``rows`` rows runs in.
+
+    An int is checked (``>= 1``, dividing ``groups``) and kept. ``None``
+    ("auto") is 1 on GPU and TPU, where a larger batch keeps the matmuls
+    busy and ``erpo-jax plan`` sizes micro-batches for memory. On the CPU
+    backend it is the fewest micro-batches of whole groups in which a
+    device holds at most :data:`AUTO_MICRO_TOKENS` tokens (``row_tokens``:
+    prompt plus completion columns per row), or one group each when no
+    count gets there. The rule is what was measured (docs/benchmarks.md,
+    "Micro-batches by default on CPU"): the tiny-Qwen3 GRPO update of 128
+    rows x 160 tokens took 3.3-3.8 s in 8 or 16 micro-batches against
+    4.2-4.5 s in one, alternating, on the 2-core Xeon, since each
+    micro-batch's activations stay in cache and its temporaries are a
+    fraction of the whole batch's (XLA:CPU page-faults a fresh temporary
+    buffer in on every call: 0.8 million faults per update in one
+    micro-batch, 0.18 million in 8).
+    """
+    if micro_batches is not None:
+        if (
+            isinstance(micro_batches, bool)
+            or not isinstance(micro_batches, int)
+            or micro_batches < 1
+        ):
+            raise ValueError(
+                f"micro_batches must be None (auto) or a positive int, got {micro_batches!r}"
+            )
+        if groups % micro_batches:
+            raise ValueError(
+                f"micro_batches={micro_batches} must divide the {groups} groups of the batch "
+                "(micro-batches hold whole groups)"
+            )
+        return micro_batches
+    backend = jax.default_backend() if backend is None else backend
+    if backend != "cpu" or groups <= 1:
+        return 1
+    for m in range(1, groups + 1):
+        if groups % m == 0 and -(-rows // (m * row_shards)) * row_tokens <= AUTO_MICRO_TOKENS:
+            return m
+    return groups
 
 
 def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
@@ -151,6 +207,7 @@ def make_score_fn(
     row_shards: int = 1,
     group_size: int = 1,
     entropy: bool = True,
+    micro_batches: int | None = 1,
 ) -> Callable[..., tuple[jax.Array, jax.Array | None]]:
     """A jitted ``(trainable, frozen, batch, use_lora) -> (logp [B,T], entropy [B,T])``.
 
@@ -161,10 +218,13 @@ def make_score_fn(
     ``entropy=False`` returns ``(logp, None)`` and skips the entropy's pass
     over the vocabulary (the trainer's old/reference scoring, which needs
     only ``logp``: 9-14% of a scoring forward of the tiny Qwen3 benchmark,
-    vocabulary 4,096, on the 2-core Xeon).
+    vocabulary 4,096, on the 2-core Xeon). ``micro_batches``: the rows run
+    in that many sequential chunks of whole groups (``None``:
+    :func:`resolve_micro_batches`' choice from the traced shapes); each
+    row's values are the same as in one pass.
     """
 
-    def score(trainable, frozen, batch, use_lora):
+    def one(trainable, frozen, batch, use_lora):
         model = nnx.merge(graphdef, trainable, frozen)
         _, logp, ent = _head(
             model,
@@ -178,6 +238,23 @@ def make_score_fn(
         )
         return logp, ent if entropy else None
 
+    def score(trainable, frozen, batch, use_lora):
+        rows = {k: batch[k] for k in ("prompt_tokens", "prompt_mask", "tokens", "mask")}
+        n = rows["tokens"].shape[0]
+        groups = n // group_size if n % group_size == 0 else n
+        micro = resolve_micro_batches(
+            micro_batches,
+            groups=groups,
+            rows=n,
+            row_tokens=rows["prompt_tokens"].shape[1] + rows["tokens"].shape[1],
+            row_shards=row_shards,
+        )
+        if micro == 1:
+            return one(trainable, frozen, rows, use_lora)
+        chunks = _split_micro(rows, micro, row_shards, groups=groups)
+        out = jax.lax.map(lambda mb: one(trainable, frozen, mb, use_lora), chunks)
+        return jax.tree.map(lambda x: _join_micro(x, groups, micro, row_shards), out)
+
     return jax.jit(score, static_argnums=(3,))
 
 
@@ -189,7 +266,9 @@ def logp_gap(
     return jnp.sum(gap), jnp.max(gap, initial=0.0)
 
 
-def _split_micro(batch: dict[str, Any], micro: int, shards: int = 1) -> dict[str, Any]:
+def _split_micro(
+    batch: dict[str, Any], micro: int, shards: int = 1, *, groups: int | None = None
+) -> dict[str, Any]:
     """Each entry reshaped to ``[micro, rows / micro, ...]`` (rewards by groups).
 
     With ``shards`` row shards (the batch rows split in that many contiguous
@@ -197,9 +276,10 @@ def _split_micro(batch: dict[str, Any], micro: int, shards: int = 1) -> dict[str
     every shard's rows instead of ``micro`` contiguous rows: each device
     keeps its own rows and the split moves no data. Slices hold whole
     groups; when the groups do not divide into ``shards * micro`` slices, the
-    plain contiguous split is used.
+    plain contiguous split is used. ``groups``: the batch's groups (default:
+    the rows of its ``rewards [P, G]``).
     """
-    groups = batch["rewards"].shape[0]
+    groups = batch["rewards"].shape[0] if groups is None else groups
     s = shards if groups % (shards * micro) == 0 else 1
 
     def split(v):
@@ -210,6 +290,14 @@ def _split_micro(batch: dict[str, Any], micro: int, shards: int = 1) -> dict[str
     return {k: split(v) for k, v in batch.items()}
 
 
+def _join_micro(x: jax.Array, groups: int, micro: int, shards: int = 1) -> jax.Array:
+    """The inverse of :func:`_split_micro` for one ``[micro, rows / micro, ...]`` array."""
+    s = shards if groups % (shards * micro) == 0 else 1
+    n = x.shape[0] * x.shape[1]
+    blocks = x.reshape(micro, s, n // (s * micro), *x.shape[2:])
+    return blocks.swapaxes(0, 1).reshape(n, *x.shape[2:])
+
+
 def make_update_fn(
     graphdef: Any,
     tx: optax.GradientTransformation,
@@ -217,7 +305,7 @@ def make_update_fn(
     loss_fn: Callable[..., Any],
     loss_cfg: LossConfig,
     *,
-    micro_batches: int,
+    micro_batches: int | None,
     max_len: int,
     temperature: float,
     chunk_size: int | str | None,
@@ -233,7 +321,10 @@ def make_update_fn(
     mini-batch of whole groups (see :data:`ROW_KEYS`, plus ``rewards [P, G]``).
     Metrics: ``loss``, ``grad_norm``, ``learning_rate`` and the loss's aux
     fields (averaged over micro-batches). ``group_size`` as in
-    :func:`make_score_fn` (micro-batches hold whole groups).
+    :func:`make_score_fn` (micro-batches hold whole groups). ``micro_batches``:
+    an int, or ``None`` for :func:`resolve_micro_batches`' choice from the
+    traced batch (so each completion width of ``train.length_buckets`` gets
+    its own).
 
     ``old_from_forward``: the batch has no ``old_logp``; it is this update's
     own ``logp``, detached (exact only when the batch gets one update, from
@@ -283,16 +374,23 @@ def make_update_fn(
     def update(state, frozen, batch):
         params, step = state["params"], state["step"]
         denominator = loss_denominator(loss_cfg, batch["mask"], max_len=max_len)
-        if micro_batches == 1:
+        micro_count = resolve_micro_batches(
+            micro_batches,
+            groups=batch["rewards"].shape[0],
+            rows=batch["tokens"].shape[0],
+            row_tokens=batch["prompt_tokens"].shape[1] + batch["tokens"].shape[1],
+            row_shards=row_shards,
+        )
+        if micro_count == 1:
             (loss, (aux, extra)), grads = grad_fn(params, frozen, batch, denominator, step)
         else:
-            micro = _split_micro(batch, micro_batches, row_shards)
+            micro = _split_micro(batch, micro_count, row_shards)
 
             def body(carry, mb):
                 g_acc, l_acc, a_acc, e_acc = carry
                 (loss, (aux, extra)), grads = grad_fn(params, frozen, mb, denominator, step)
                 g_acc = jax.tree.map(jnp.add, g_acc, grads)
-                a_acc = jax.tree.map(lambda a, b: a + b / micro_batches, a_acc, aux)
+                a_acc = jax.tree.map(lambda a, b: a + b / micro_count, a_acc, aux)
                 if extra:
                     e_acc = {"sum": e_acc["sum"] + extra["sum"],
                              "max": jnp.maximum(e_acc["max"], extra["max"])}  # fmt: skip

@@ -349,3 +349,26 @@ def test_auto_bounds_the_compiled_memory_of_a_large_head():
     # at once takes twice the whole (2 GiB).
     assert auto <= 2 * AUTO_LOGITS_BYTES + 2**24
     assert whole >= 2 * 2**30
+
+
+@pytest.mark.parametrize("first", [0.0, -0.0, np.nan, np.inf, -np.inf, 3e38, 1e-45])
+def test_materialized_cotangent_passes_the_cotangent_through_bit_for_bit(first):
+    """The at-once head's backward divides the incoming cotangent by a 1 that
+    XLA cannot fold (so it is computed once, not once per vocabulary entry): the
+    division must be exact for every value, whatever the first entry is.
+    Subnormals may flush to a zero of their sign, as in every float op of
+    XLA:CPU (flush-to-zero), the head's own products of the cotangent included."""
+    from erpo_jax.ops._logp_entropy import _materialized_cotangent
+
+    g = np.array([[first, -0.0, np.nan, np.inf], [-np.inf, 1e-45, -3e38, 0.3]], np.float32)
+    _, vjp = jax.vjp(_materialized_cotangent, jnp.zeros((2, 4), jnp.float32))
+    (got,) = jax.jit(vjp)(jnp.asarray(g))
+    got = np.asarray(got)
+    sub = (g != 0) & (np.abs(g) < np.finfo(np.float32).tiny)
+    np.testing.assert_array_equal(got[~sub].view(np.uint32), g[~sub].view(np.uint32))
+    assert all(
+        x == y or (x == 0 and np.signbit(x) == np.signbit(y))
+        for x, y in zip(got[sub], g[sub], strict=True)
+    )
+    _, vjp0 = jax.vjp(_materialized_cotangent, jnp.zeros((0, 4), jnp.float32))
+    assert jax.jit(vjp0)(jnp.zeros((0, 4), jnp.float32))[0].shape == (0, 4)

@@ -44,6 +44,7 @@ def test_yaml_then_overrides(tmp_path):
         (["rollout.stop_check_every=0"], r"rollout.stop_check_every=0"),
         (["rollout.decode_phases=0"], r"rollout.decode_phases=0.*null \(auto\) or an int >= 1"),
         (["train.micro_batches=3"], r"train.micro_batches=3.*divide the 16 groups"),
+        (["train.micro_batches=0"], r"train.micro_batches=0.*null \(auto\) or an int >= 1"),
         (["train.length_buckets=0"], r"train.length_buckets=0.*>= 1"),
         (["train.length_buckets=49"], r"train.length_buckets=49.*1..rollout.max_new_tokens=48"),
         (["model.dtype=int8"], r"model.dtype='int8'.*float32, bfloat16, float16"),
@@ -89,6 +90,8 @@ def test_config_diff_ignores_bookkeeping_keys():
                 "train.length_buckets=1",
                 # a checkpoint from before decode_phases defaulted to null (auto)
                 "rollout.decode_phases=1",
+                # ... and from before micro_batches did
+                "train.micro_batches=1",
             ],
         )
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +14,7 @@ from flax import nnx
 from erpo_jax.losses import progress_signal
 from erpo_jax.models import Decoder, ModelConfig, add_lora
 from erpo_jax.train import (
+    AUTO_MICRO_TOKENS,
     LOSS_NAMES,
     LossConfig,
     OptimizerConfig,
@@ -20,6 +23,7 @@ from erpo_jax.train import (
     make_optimizer,
     make_score_fn,
     make_update_fn,
+    resolve_micro_batches,
     split_policy,
 )
 
@@ -314,6 +318,124 @@ def test_sharded_micro_split_takes_a_slice_of_every_shard():
     # 3 shards do not divide the groups into slices: the contiguous split
     plain = _split_micro(batch, 2, shards=3)
     np.testing.assert_array_equal(plain["rows"], rows.reshape(2, 8))
+
+
+def test_join_micro_inverts_the_split_for_every_shard_layout():
+    from erpo_jax.train._step import _join_micro, _split_micro
+
+    rows = np.arange(48).reshape(24, 2)  # 12 groups of 2 rows
+    for micro, shards in ((1, 1), (3, 1), (2, 2), (3, 2), (2, 3), (4, 2), (2, 5)):
+        split = _split_micro({"x": rows}, micro, shards=shards, groups=12)["x"]
+        assert split.shape == (micro, 24 // micro, 2)
+        np.testing.assert_array_equal(_join_micro(split, 12, micro, shards), rows)
+
+
+def test_resolve_micro_batches_by_hand():
+    # An int is kept; None is 1 off the CPU backend.
+    assert resolve_micro_batches(4, groups=16, rows=128, row_tokens=160) == 4
+    assert resolve_micro_batches(None, groups=16, rows=128, row_tokens=160, backend="gpu") == 1
+    assert resolve_micro_batches(None, groups=16, rows=128, row_tokens=160, backend="tpu") == 1
+    # CPU: the fewest whole-group chunks of at most AUTO_MICRO_TOKENS tokens a device.
+    assert AUTO_MICRO_TOKENS == 4096
+    cpu = functools.partial(resolve_micro_batches, None, backend="cpu")
+    assert cpu(groups=16, rows=128, row_tokens=160) == 8  # 20,480 tokens: 8 x 2,560
+    assert cpu(groups=16, rows=128, row_tokens=32) == 1  # 4,096 fit at once
+    assert cpu(groups=16, rows=128, row_tokens=33) == 2
+    assert cpu(groups=16, rows=128, row_tokens=160, row_shards=4) == 2  # 4 devices
+    assert cpu(groups=12, rows=96, row_tokens=160) == 4  # 5 and 8 do not divide 12
+    assert cpu(groups=16, rows=128, row_tokens=5000) == 16  # never fits: one group each
+    assert cpu(groups=1, rows=8, row_tokens=5000) == 1
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [
+        (0, "None \\(auto\\) or a positive int"),
+        (True, "positive int"),
+        (2.0, "positive int"),
+        (3, "micro_batches=3 must divide the 16 groups"),
+    ],
+)
+def test_resolve_micro_batches_names_a_bad_value(value, match):
+    with pytest.raises(ValueError, match=match):
+        resolve_micro_batches(value, groups=16, rows=128, row_tokens=160)
+
+
+def test_auto_micro_batches_reproduce_the_full_batch_update_and_scores(monkeypatch):
+    """micro_batches=None on CPU splits a batch larger than AUTO_MICRO_TOKENS
+    (lowered here to 48 tokens: 4 micro-batches of one group): the update and
+    the scores equal the one-pass ones."""
+    import erpo_jax.train._step as step_mod
+
+    monkeypatch.setattr(step_mod, "AUTO_MICRO_TOKENS", (S + T) * G)
+    assert resolve_micro_batches(None, groups=P, rows=P * G, row_tokens=S + T) == P
+    runs = []
+    for micro in (1, None):
+        graphdef, trainable, frozen, tx, update, _, cfg = _setup(
+            "erpo", micro=micro, sgd=True, group_size=G
+        )
+        score = make_score_fn(graphdef, temperature=1.0, chunk_size=None, vocab_chunk_size=None,
+                              group_size=G, micro_batches=micro)  # fmt: skip
+        traced = score.lower(trainable, frozen, {k: jnp.asarray(v) for k, v in _batch().items()},
+                             True).as_text()  # fmt: skip
+        batch = _full_batch(trainable, frozen, score, cfg)
+        state = {"params": trainable, "opt_state": tx.init(trainable), "step": jnp.int32(0)}
+        state, metrics = update(state, frozen, batch)
+        runs.append((batch["old_logp"], float(metrics["loss"]), state["params"], traced))
+    (s1, l1, p1, one), (s2, l2, p2, auto) = runs
+    assert auto.count("stablehlo.while") > one.count("stablehlo.while")  # auto really loops
+    np.testing.assert_allclose(np.asarray(s2), np.asarray(s1), rtol=0, atol=1e-6)
+    assert abs(l1) > 1e-6 and l2 == pytest.approx(l1, rel=1e-5, abs=1e-7)
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2), strict=True):
+        scale = float(np.abs(np.asarray(a)).max())
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5 * scale + 1e-9)
+
+
+def test_erpo_backward_is_not_fused_into_the_logit_gradient():
+    """The at-once head's backward takes the loss's per-token cotangent as one
+    computed array: XLA:CPU otherwise fused ERPO's whole per-token backward
+    (about 300 instructions) into the [tokens, V] logit-gradient loop, run once
+    per vocabulary entry (the update in 8 micro-batches: 1.6 s of 4.6 s)."""
+    import re
+
+    from erpo_jax.ops import _logp_entropy
+
+    v = 512
+    config = ModelConfig("qwen3", v, 32, 64, 1, 4, 2, 8, qk_norm=True,
+                         max_position_embeddings=64, eos_token_ids=(2,), pad_token_id=0)  # fmt: skip
+    graphdef, trainable, frozen = split_policy(Decoder(config, rngs=nnx.Rngs(0)), lora=False)
+    cfg = LossConfig(name="erpo")
+    tx, schedule = make_optimizer(OptimizerConfig(learning_rate=1e-2), 10, trainable)
+    t, rows = 16, P * G
+    sd = jax.ShapeDtypeStruct
+    batch = {
+        "prompt_tokens": sd((rows, S), jnp.int32),
+        "prompt_mask": sd((rows, S), jnp.bool_),
+        "tokens": sd((rows, t), jnp.int32),
+        "mask": sd((rows, t), jnp.bool_),
+        "rewards": sd((P, G), jnp.float32),
+        **{k: sd((rows, t), jnp.float32) for k in ("entropy", "old_logp", "ref_logp")},
+    }
+    state = {"params": trainable, "opt_state": tx.init(trainable), "step": jnp.int32(0)}
+
+    def largest_vocab_fusion():
+        update = make_update_fn(graphdef, tx, schedule, make_loss_fn(cfg, max_len=t, total_steps=10),
+                                cfg, micro_batches=2, max_len=t, temperature=1.0, chunk_size=None,
+                                vocab_chunk_size=None, arca=False, group_size=G)  # fmt: skip
+        text = update.lower(state, frozen, batch).compile().as_text()
+        sizes = [0]
+        for body in re.findall(r"^%?fused_computation[^\n]*\{\n.*?\n\}", text, re.S | re.M):
+            root = next(line for line in body.splitlines() if "ROOT" in line)
+            if re.search(rf"\[[0-9,]*\b{v}\b[0-9,]*\]", root.split("=", 1)[1][:60]):
+                sizes.append(len(body.splitlines()) - 2)
+        return max(sizes)
+
+    assert largest_vocab_fusion() < 60
+    # The check can fail: with the cotangent passed through as is, the loss's
+    # backward lands in the vocabulary-sized loop.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_logp_entropy, "_materialized_cotangent", lambda x: x)
+        assert largest_vocab_fusion() > 150
 
 
 @pytest.mark.parametrize(("micro", "kl"), [pytest.param(1, 0.0, marks=pytest.mark.slow), (2, 0.04)])
