@@ -110,6 +110,7 @@ def one_step(mesh_cfg: MeshConfig, devices, shards=None):
         vocab_chunk_size=None,
         row_shards=shards,
         group_size=G,
+        micro_batches=2,  # rows in 2 chunks (of each shard's rows), joined back in order
     )
     batch = global_batch(batch_arrays(), mesh)
     old, _ = score(trainable, frozen, batch, True)
