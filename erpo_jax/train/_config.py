@@ -708,10 +708,11 @@ _RESUMABLE = {
     "eval_every",
     "profile_step",
     # how the run is computed, not what: the same programs from a cache, the
-    # same losses and updates on fewer padding columns, and the same samples
-    # from a decode loop split in phases (equal up to float rounding, so a
-    # resume that changes one is no longer bit-exact; a run saved with the
-    # old default rollout.decode_phases=1 resumes under the new null)
+    # same losses and updates on fewer padding columns or accumulated over
+    # other micro-batches, and the same samples from a decode loop split in
+    # phases (equal up to float rounding, so a resume that changes one is no
+    # longer bit-exact; a run saved with the old defaults
+    # rollout.decode_phases=1 or train.micro_batches=1 resumes under null)
     "compilation_cache_dir",
     "train.length_buckets",
     "train.micro_batches",

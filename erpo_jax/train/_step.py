@@ -242,13 +242,7 @@ def make_score_fn(
         rows = {k: batch[k] for k in ("prompt_tokens", "prompt_mask", "tokens", "mask")}
         n = rows["tokens"].shape[0]
         groups = n // group_size if n % group_size == 0 else n
-        micro = resolve_micro_batches(
-            micro_batches,
-            groups=groups,
-            rows=n,
-            row_tokens=rows["prompt_tokens"].shape[1] + rows["tokens"].shape[1],
-            row_shards=row_shards,
-        )
+        micro = _micro_count(micro_batches, rows, groups, row_shards)
         if micro == 1:
             return one(trainable, frozen, rows, use_lora)
         chunks = _split_micro(rows, micro, row_shards, groups=groups)
@@ -266,6 +260,23 @@ def logp_gap(
     return jnp.sum(gap), jnp.max(gap, initial=0.0)
 
 
+def _shard_slices(groups: int, micro: int, shards: int) -> int:
+    """Row shards a micro-batch takes a slice of: all when the groups divide, else 1."""
+    return shards if groups % (shards * micro) == 0 else 1
+
+
+def _micro_count(micro_batches: int | None, batch: dict[str, Any], groups: int,
+                 row_shards: int) -> int:  # fmt: skip
+    """:func:`resolve_micro_batches` for ``batch``'s traced rows and columns."""
+    return resolve_micro_batches(
+        micro_batches,
+        groups=groups,
+        rows=batch["tokens"].shape[0],
+        row_tokens=batch["prompt_tokens"].shape[1] + batch["tokens"].shape[1],
+        row_shards=row_shards,
+    )
+
+
 def _split_micro(
     batch: dict[str, Any], micro: int, shards: int = 1, *, groups: int | None = None
 ) -> dict[str, Any]:
@@ -280,7 +291,7 @@ def _split_micro(
     the rows of its ``rewards [P, G]``).
     """
     groups = batch["rewards"].shape[0] if groups is None else groups
-    s = shards if groups % (shards * micro) == 0 else 1
+    s = _shard_slices(groups, micro, shards)
 
     def split(v):
         n = v.shape[0]
@@ -292,7 +303,7 @@ def _split_micro(
 
 def _join_micro(x: jax.Array, groups: int, micro: int, shards: int = 1) -> jax.Array:
     """The inverse of :func:`_split_micro` for one ``[micro, rows / micro, ...]`` array."""
-    s = shards if groups % (shards * micro) == 0 else 1
+    s = _shard_slices(groups, micro, shards)
     n = x.shape[0] * x.shape[1]
     blocks = x.reshape(micro, s, n // (s * micro), *x.shape[2:])
     return blocks.swapaxes(0, 1).reshape(n, *x.shape[2:])
@@ -374,13 +385,7 @@ def make_update_fn(
     def update(state, frozen, batch):
         params, step = state["params"], state["step"]
         denominator = loss_denominator(loss_cfg, batch["mask"], max_len=max_len)
-        micro_count = resolve_micro_batches(
-            micro_batches,
-            groups=batch["rewards"].shape[0],
-            rows=batch["tokens"].shape[0],
-            row_tokens=batch["prompt_tokens"].shape[1] + batch["tokens"].shape[1],
-            row_shards=row_shards,
-        )
+        micro_count = _micro_count(micro_batches, batch, batch["rewards"].shape[0], row_shards)
         if micro_count == 1:
             (loss, (aux, extra)), grads = grad_fn(params, frozen, batch, denominator, step)
         else:
