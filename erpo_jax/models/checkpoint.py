@@ -267,7 +267,10 @@ def load_hf_checkpoint(
         if mesh is None:
             sharding = device
         else:
-            sharding = NamedSharding(mesh, param_partition_spec(spec.path, spec.shape, mesh))
+            sharding = NamedSharding(
+                mesh,
+                param_partition_spec(spec.path, spec.shape, mesh, head_dim=config.head_dim),
+            )
         array = jax.make_array_from_callback(
             spec.shape, sharding, _reader(spec, weights, param_dtype)
         )

@@ -3,7 +3,10 @@
 Saves a tiny random decoder in Hugging Face format, loads it onto a
 (fsdp=4, tensor=2) mesh with ``load_hf_checkpoint(..., mesh=...)``, and checks
 that the parameters are really sharded over the devices and that the jitted
-forward on the sharded model gives the single-device logits. Then sequence
+forward on the sharded model gives the single-device logits. On a
+(fsdp=2, tensor=4) mesh the attention projections split over ``tensor`` only
+in whole heads (the 2 KV heads do not divide by 4: k/v_proj replicate over
+``tensor``). Then sequence
 parallelism (``Decoder(residual_sharding=...)`` on a (fsdp=2, tensor=4) mesh,
 with remat and scanned layers): the same value and gradients as without it,
 for a sequence length the tensor axis does not divide, and less compiled
@@ -52,6 +55,24 @@ assert max(spread) == 8, spread  # some weights span the whole mesh
 assert any(not x.sharding.is_fully_replicated for x in leaves)
 embed = sharded.embed[...]
 assert embed.sharding.shard_shape(embed.shape) == (config.vocab_size // 2, config.hidden_size // 4)
+
+# Tensor splits keep whole heads: on tensor=4, the 4 query heads split one a
+# device, while the 2 KV heads cannot, so k/v_proj are replicated over
+# `tensor` instead of cut into half-heads of 8 columns (the same rule as
+# the trainer's place_params).
+head_mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("fsdp", "tensor"))
+with tempfile.TemporaryDirectory() as path:
+    save_hf_checkpoint(model, config, path)
+    by_heads, _ = load_hf_checkpoint(path, mesh=head_mesh)
+for name, spec, side, width in (
+    ("q_proj", (None, "fsdp", "tensor"), -1, config.head_dim),
+    ("k_proj", (None, "fsdp", None), -1, config.num_kv_heads * config.head_dim),
+    ("v_proj", (None, "fsdp", None), -1, config.num_kv_heads * config.head_dim),
+    ("o_proj", (None, "tensor", "fsdp"), -2, config.head_dim),
+):
+    weight = getattr(by_heads.layers, name)[...]
+    assert tuple(weight.sharding.spec) == spec, (name, weight.sharding.spec)
+    assert weight.sharding.shard_shape(weight.shape)[side] == width, (name, weight.shape)
 
 graphdef, st = nnx.split(sharded)
 forward = jax.jit(lambda st, t, m: nnx.merge(graphdef, st)(t, m))
