@@ -303,6 +303,12 @@ def _hf_arrays(model: Decoder, config: ModelConfig) -> Iterator[tuple[str, np.nd
                 f"save_hf_checkpoint: parameter {'.'.join(spec.path)} has shape "
                 f"{tuple(value.shape)}, but the config implies {spec.shape}"
             )
+        if isinstance(value, jax.Array) and not value.is_fully_addressable:
+            # Sharded over several processes: every process gathers the whole
+            # tensor (a collective, so every process calls save_hf_checkpoint).
+            from jax.experimental import multihost_utils
+
+            value = multihost_utils.process_allgather(value, tiled=True)
         host = np.asarray(jax.device_get(value))
         parts = host if spec.stacked else host[None]
         for hf_name, part in zip(spec.hf_names, parts, strict=True):
@@ -321,6 +327,9 @@ def save_hf_checkpoint(
     LoRA adapters, if any, are merged into the written weights (the model is
     not modified). Weights keep the model's ``param_dtype``.
 
+    With parameters sharded over several processes (multi-host), call it on
+    every process: each gathers the weights, and process 0 writes.
+
     Args:
       model: the decoder.
       config: its config (written as ``config.json``).
@@ -330,7 +339,9 @@ def save_hf_checkpoint(
         ``model.safetensors.index.json``.
     """
     directory = os.fspath(path)
-    os.makedirs(directory, exist_ok=True)
+    writer = jax.process_index() == 0
+    if writer:
+        os.makedirs(directory, exist_ok=True)
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     total = 0
@@ -341,6 +352,8 @@ def save_hf_checkpoint(
         shards[-1][name] = array
         size += array.nbytes
         total += array.nbytes
+    if not writer:
+        return
     if len(shards) == 1:
         write_safetensors(os.path.join(directory, _SINGLE), shards[0])
     else:

@@ -163,9 +163,20 @@ def _check_ids(tokens, vocab_size: int) -> None:
     """Out-of-vocabulary ids embed as NaN under ``jnp.take``: refuse them when they are concrete.
 
     Under ``jit`` the ids are traced and cannot be checked here; the sampler
-    and trainer validate their inputs on the host before they are traced.
+    and trainer validate their inputs on the host before they are traced. A
+    global array spread over several processes is checked through its
+    replicated min and max (every process runs the same eager call).
     """
     if isinstance(tokens, jax.core.Tracer):
+        return
+    if isinstance(tokens, jax.Array) and not tokens.is_fully_addressable:
+        lo, hi = int(jnp.min(tokens)), int(jnp.max(tokens))
+        if tokens.size and (lo < 0 or hi >= vocab_size):
+            raise ValueError(
+                f"Decoder: token ids must lie in [0, vocab_size={vocab_size}), got ids "
+                f"from {lo} to {hi} (padding positions too need an in-vocabulary id such "
+                "as the pad id)"
+            )
         return
     ids = np.asarray(tokens)
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):

@@ -11,7 +11,10 @@ processes joined by ``jax.distributed`` (gloo collectives) through
    ``WORKDIR/run`` (process 0 writes metrics and summary), with a stand-in
    reward the random policy earns (even completion lengths);
 2. samples its own rows (``sample(..., mesh=)``, one key split over all rows,
-   stop strings) and writes them to ``WORKDIR/sample_<PROCESS_ID>.npz``.
+   stop strings) and writes them to ``WORKDIR/sample_<PROCESS_ID>.npz``;
+3. checks token ids of a global array (an out-of-vocabulary id on the last
+   process is refused on every process) and exports the mesh-placed policy
+   with ``save_hf_checkpoint`` to ``WORKDIR/export`` (process 0 writes).
 
 With ``NUM_PROCESSES=1`` it is the single-process reference of the same
 run. Prints ``OK``.
@@ -32,8 +35,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from erpo_jax.models import load_hf_checkpoint  # noqa: E402
-from erpo_jax.sampling import local_rows, sample  # noqa: E402
+from erpo_jax.models import load_hf_checkpoint, save_hf_checkpoint  # noqa: E402
+from erpo_jax.models.decoder import _check_ids  # noqa: E402
+from erpo_jax.sampling import global_rows, local_rows, sample  # noqa: E402
 from erpo_jax.tasks import CountdownTask  # noqa: E402
 from erpo_jax.train import MeshConfig, load_config, make_mesh, place_params, train  # noqa: E402
 
@@ -100,4 +104,17 @@ np.savez(
     os.path.join(workdir, f"sample_{pid}.npz"),
     **{f: local_rows(getattr(out, f)) for f in ("tokens", "logp", "entropy", "mask", "lengths")},
 )
+
+# --- arrays spread over the processes: the id check and the HF export -------
+ids = np.full((4 // procs, 5), 3, np.int32)  # 4 rows in all, one a device
+_check_ids(global_rows(mesh, ids), config.vocab_size)  # in range: passes
+ids[-1, 4] = config.vocab_size + 7 if pid == procs - 1 else 3  # only the last process's rows
+try:
+    _check_ids(global_rows(mesh, ids), config.vocab_size)
+except ValueError as err:  # every process refuses, its own rows in range or not
+    assert str(config.vocab_size + 7) in str(err), err
+else:
+    raise AssertionError("an out-of-vocabulary id on another process was not refused")
+# Every process gathers the sharded weights; process 0 writes them.
+save_hf_checkpoint(nnx.merge(graphdef, placed), config, os.path.join(workdir, "export"))
 print("OK")

@@ -148,3 +148,9 @@ def test_two_processes_match_one(tmp_path):
         np.testing.assert_allclose(got, ref[field], rtol=1e-5, atol=1e-6, err_msg=field)
     # The stop strings cut some rows short (the check ran per process).
     assert (ref["lengths"] < 10).any()
+
+    # The export of weights sharded over two processes is the checkpoint the
+    # run loaded, byte for byte (gathered, then written once).
+    weights = (checkpoint / "model.safetensors").read_bytes()
+    for run in (one, two):
+        assert (run / "export" / "model.safetensors").read_bytes() == weights, run
