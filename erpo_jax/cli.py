@@ -216,6 +216,13 @@ def _run_eval(args: argparse.Namespace) -> int:
     for flag, value, ok, allowed in checks:
         if not ok:
             raise _UsageError(f"{flag} must be {allowed}, got {value}")
+    from erpo_jax.models import COMPUTE_DTYPES
+
+    # Here, not at load time: before the toy model's build, and naming the flag.
+    if args.dtype not in COMPUTE_DTYPES:
+        raise _UsageError(
+            f"--dtype {args.dtype!r} is not supported; allowed: {', '.join(COMPUTE_DTYPES)}"
+        )
     if args.no_greedy and args.num_samples == 0:
         raise _UsageError("--no-greedy with --num-samples 0 leaves nothing to evaluate")
     if args.data is None and args.task == "math":

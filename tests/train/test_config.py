@@ -148,6 +148,62 @@ def test_cli_rejects_bad_config_with_exit_2(capsys, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+class _Stop(Exception):
+    """Raised by a stand-in to end a CLI run at the call under test."""
+
+
+def test_cli_train_dtype_sets_model_dtype(monkeypatch, tmp_path):
+    import erpo_jax.train
+
+    runs = []
+
+    def train(config, *, out, resume):
+        runs.append(config)
+
+    monkeypatch.setattr(erpo_jax.train, "train", train)
+    out = str(tmp_path / "r")
+    assert main(["train", "--out", out, "--dtype", "bfloat16", "steps=3"]) == 0
+    assert main(["train", "--out", out, "steps=3"]) == 0
+    assert [(c.model.dtype, c.steps) for c in runs] == [("bfloat16", 3), ("float32", 3)]
+
+
+def test_cli_eval_dtype_reaches_the_checkpoint_loader(monkeypatch, tmp_path, capsys):
+    import jax.numpy as jnp
+
+    import erpo_jax.models
+    import erpo_jax.train
+
+    loads = []
+
+    def load_hf_checkpoint(path, **kw):
+        loads.append(kw)
+        raise _Stop
+
+    def build_toy_base_model(*args, **kw):
+        raise _Stop
+
+    monkeypatch.setattr(erpo_jax.models, "load_hf_checkpoint", load_hf_checkpoint)
+    monkeypatch.setattr(erpo_jax.train, "build_toy_base_model", build_toy_base_model)
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text("{}")
+    argv = ["eval", "--out", str(tmp_path / "never"), "--compilation-cache-dir", ""]
+    with pytest.raises(_Stop):
+        main([*argv, "--checkpoint", str(checkpoint), "--dtype", "bfloat16"])
+    with pytest.raises(_Stop):
+        main([*argv, "--checkpoint", str(checkpoint)])
+    assert [jnp.dtype(kw["dtype"]) for kw in loads] == [jnp.bfloat16, jnp.float32]
+
+    # A dtype outside the compute dtypes is a usage error naming the flag and the
+    # allowed values, raised before any checkpoint is loaded or the toy model built.
+    for where in (["--checkpoint", str(checkpoint)], []):
+        assert main([*argv, *where, "--dtype", "int8"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("erpo-jax eval: --dtype 'int8'"), err
+        assert "float32, bfloat16, float16" in err
+    assert len(loads) == 2 and not (tmp_path / "never").exists()
+
+
 @pytest.mark.parametrize(
     ("mesh_shape", "overrides", "pattern"),
     [
