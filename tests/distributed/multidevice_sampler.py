@@ -6,12 +6,17 @@ sharded over (data, fsdp), the outputs come back sharded by rows (not
 replicated), and they equal the single-device outputs (same keys), with
 and without prefix sharing, with REFT and with decode phases. A row count that does not divide
 over the row shards is a clear error. Prints ``OK``.
+
+``python multidevice_sampler.py NAME@DATAxFSDPxTENSOR`` (e.g. ``plain@8x1x1``)
+runs one case on one mesh, the default test tier's quick check; with no
+argument, every case on both meshes (the slow tier, ~3 min on 2 cores).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 os.environ["JAX_PLATFORMS"] = "cpu"
@@ -46,19 +51,29 @@ cases = {
     # three decode loops over a cache grown between them, kept sharded
     "phases": dict(group_size=G, decode_phases=3),
 }
+meshes = [(8, 1, 1), (2, 2, 2)]
+if len(sys.argv) > 1:  # one case on one mesh: NAME@DATAxFSDPxTENSOR
+    name, shape = sys.argv[1].split("@")
+    cases = {name: cases[name]}
+    meshes = [tuple(int(n) for n in shape.split("x"))]
 common = dict(max_new_tokens=T, temperature=1.0, eos_ids=(2,), pad_id=0)
 want = {name: sample(model, tokens, mask, key, **common, **kw) for name, kw in cases.items()}
 
-for shape in ((8, 1, 1), (2, 2, 2)):
+for shape in meshes:
     mesh = make_mesh(MeshConfig(*shape), jax.devices())
     placed = place_params(params, mesh, head_dim=config.head_dim)
     rows = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    shards = shape[0] * shape[1]  # rows over (data, fsdp), replicated over tensor
     for name, kw in cases.items():
         got = sample((graphdef, placed), tokens, mask, key, mesh=mesh, **common, **kw)
         ref = want[name]
-        for field in ("tokens", "logp", "entropy", "mask"):
+        for field in got._fields:
             value = getattr(got, field)
-            assert value.sharding.is_equivalent_to(rows, 2), (shape, name, field, value.sharding)
+            where = (shape, name, field, value.sharding)
+            assert value.sharding.is_equivalent_to(rows, value.ndim), where
+            # Not replicated: each device holds only its own B / shards rows.
+            assert not value.sharding.is_fully_replicated, where
+            assert {s.data.shape[0] for s in value.addressable_shards} == {P * G // shards}, where
         np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(ref.tokens))
         np.testing.assert_array_equal(np.asarray(got.mask), np.asarray(ref.mask))
         np.testing.assert_allclose(np.asarray(got.logp), np.asarray(ref.logp), atol=2e-5)

@@ -194,3 +194,56 @@ def test_draw_at_the_top_of_the_cdf_never_lands_on_a_truncated_token(monkeypatch
     w = jnp.exp(jnp.asarray(z) - jnp.max(jnp.asarray(z), axis=-1, keepdims=True))  # -inf -> 0
     tokens = L._inverse_cdf_draw(jax.random.split(jax.random.key(0), 4), w)
     assert np.asarray(tokens).tolist() == [199, 129, 0, 299]
+
+
+def _equations(jaxpr):
+    """Every equation of ``jaxpr`` and of the jaxprs nested in its equations'
+    parameters (jit, while/fori_loop bodies and conds, cond branches, ...)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr holds its Jaxpr
+                if hasattr(sub, "eqns"):
+                    yield from _equations(sub)
+
+
+def _sorted_top_p_jnp(z, top_p):
+    """The sorted-cumsum top-p in jnp (transformers' TopPLogitsWarper): a full sort."""
+    order = jnp.argsort(-z, axis=-1)
+    p = jnp.take_along_axis(jax.nn.softmax(z, axis=-1), order, axis=-1)
+    n = jnp.maximum(jnp.sum(jnp.cumsum(p, axis=-1) - p < top_p, axis=-1, keepdims=True), 1)
+    return z >= jnp.take_along_axis(jnp.take_along_axis(z, order, axis=-1), n - 1, axis=-1)
+
+
+@pytest.mark.parametrize("fn", ["truncation_mask", "sample_from_logits"])
+def test_top_p_alone_traces_no_sort_of_the_vocabulary(fn):
+    """Top-p without top-k cuts by bisection (``_top_p_threshold``): its jaxpr,
+    nested loops and calls included, holds no ``sort`` and no ``top_k`` over
+    the vocabulary (a capped ``top_k`` of a few candidates would be fine),
+    while the sorted definition's does."""
+    v = 1024
+    z = jnp.zeros((4, v), jnp.float32)
+    top_p = jnp.float32(0.9)
+    if fn == "truncation_mask":
+        traced = jax.make_jaxpr(lambda z, p: truncation_mask(z, top_p=p))(z, top_p)
+    else:
+        keys = jax.random.split(jax.random.key(0), 4)
+        traced = jax.make_jaxpr(lambda z, p, k: sample_from_logits(z, k, top_p=p))(z, top_p, keys)
+    eqns = list(_equations(traced.jaxpr))
+    names = {eqn.primitive.name for eqn in eqns}
+    assert "sort" not in names
+    assert all(eqn.params["k"] <= v // 8 for eqn in eqns if eqn.primitive.name == "top_k")
+    assert names & {"scan", "while"}  # the bisection's fori_loop, walked into
+    # The walk does find a sort where there is one: the sorted reference's,
+    # nested in jnp.argsort's jit and here in a loop body as well.
+    for reference in (
+        lambda z, p: _sorted_top_p_jnp(z, p),
+        lambda z, p: jax.lax.fori_loop(0, 2, lambda _, k: k & _sorted_top_p_jnp(z, p), z < 1),
+    ):
+        sorted_eqns = _equations(jax.make_jaxpr(reference)(z, top_p).jaxpr)
+        assert "sort" in {eqn.primitive.name for eqn in sorted_eqns}
+    # ... and it is the same cut (the sorted-definition parity test covers many rows).
+    zr = jnp.asarray(_logits(seed=4, b=6, v=v))
+    got = jax.jit(lambda z, p: truncation_mask(z, top_p=p))(zr, top_p)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(_sorted_top_p_jnp(zr, top_p)))

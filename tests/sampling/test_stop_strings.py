@@ -141,3 +141,95 @@ def test_stop_string_chunks_run_the_decode_phases_in_order_on_a_growing_cache(
     # (phase 0's), grown on entry to phases 1 and 2 (S + 11, S + 21, S + 31).
     s = calls[0][2] - 11
     assert [c[2] for c in calls] == [s + 11] * 4 + [s + 21] * 3 + [s + 31] * 2
+
+
+def _spy_decode(monkeypatch):
+    """Records ``(stop_at, state.step on return)`` of every call of the jitted decode
+    loop. ``step`` is the next completion index to fill: the prefill writes token
+    0, and each decode step one more, so a run made ``step - 1`` decode steps."""
+    from erpo_jax.sampling import _sampler
+
+    calls = []
+    original = _sampler._decode_jit
+
+    def spy(graphdef, params, state, keys, stop_at, dyn, *, static):
+        out = original(graphdef, params, state, keys, stop_at, dyn, static=static)
+        calls.append((int(stop_at), int(out.step)))
+        return out
+
+    monkeypatch.setattr(_sampler, "_decode_jit", spy)
+    return calls
+
+
+def test_stop_strings_that_fire_early_end_the_loop_at_the_next_check(
+    model, h, tokenizer, monkeypatch
+):
+    """Every row hits a stop string within its first few tokens: the host loop
+    decodes chunk by chunk only until the check that sees the last row's cut,
+    not to T. Stop strings mark rows done only at a check, so the last chunk
+    runs in full: the loop ends at the first check step ``1 + n * k`` (the
+    prefill wrote token 0; checks follow every ``k`` steps) past the last
+    cut, ``min(T, 1 + ceil(max_cut / k) * k)``."""
+    k = 4
+    prompt, prompt_mask = h.left_padded(8)
+    kw = dict(max_new_tokens=T, eos_ids=())
+    free = np.asarray(sample(model, prompt, prompt_mask, h.key(8), **kw).tokens)
+    texts = [tokenizer.decode([int(i) for i in row]) for row in free]
+    # Two characters from early in each row's own text: every row stops early.
+    stops = [text[i : i + 2] for text, i in zip(texts, (3, 6, 1, 8), strict=True)]
+    cuts = [_expected_cut(tokenizer, row, stops) for row in free]
+    assert None not in cuts and max(cuts) < 12, (stops, cuts)
+    calls = _spy_decode(monkeypatch)
+    out = sample(model, prompt, prompt_mask, h.key(8), stop_strings=stops, tokenizer=tokenizer,
+                 stop_check_every=k, decode_phases=1, **kw)  # fmt: skip
+    assert np.asarray(out.lengths).tolist() == [c + 1 for c in cuts]
+    end = min(T, 1 + -(-max(cuts) // k) * k)
+    assert end < T
+    # One call per chunk of k steps (1 -> 5 -> 9 ...), each running in full,
+    # and none after the check that found the last row done.
+    chunks = list(range(1 + k, end + 1, k))
+    assert calls == [(stop, stop) for stop in chunks], (cuts, calls)
+
+
+@pytest.mark.parametrize(
+    ("stop_strings", "phases"),
+    [(None, 1), (("\x7f never written",), 1), (("\x7f never written",), 3)],
+)
+def test_eos_in_every_row_ends_the_loop_at_the_longest_row(
+    model, h, tokenizer, monkeypatch, stop_strings, phases
+):
+    """Rows that end at EOS are done inside the jitted loop, so the loop stops
+    at the step that writes the longest row's EOS: not at T (one call, no stop
+    strings), not at the end of its decode phase, and not at the end of the
+    stop-string check's chunk it falls in (the chunk's loop stops mid-chunk
+    and the check after it ends the host loop)."""
+    k = 8
+    prompt, prompt_mask = h.left_padded(8)
+    free = np.asarray(sample(model, prompt, prompt_mask, h.key(8), max_new_tokens=T,
+                             eos_ids=()).tokens)  # fmt: skip
+    # EOS ids taken from each row's own draws, so that every row ends early;
+    # a row ends at the first of them it draws (counting the EOS token).
+    eos = tuple(sorted({int(free[b, j]) for b, j in zip(range(4), (5, 3, 9, 11), strict=True)}))
+    lengths = [int(np.flatnonzero(np.isin(row, eos))[0]) + 1 for row in free]
+    longest = max(lengths)
+    assert longest < T - 1 and (longest - 1) % k, (eos, lengths)  # mid-chunk, mid-cache
+    calls = _spy_decode(monkeypatch)
+    out = sample(model, prompt, prompt_mask, h.key(8), max_new_tokens=T, eos_ids=eos,
+                 stop_strings=stop_strings, tokenizer=tokenizer, stop_check_every=k,
+                 decode_phases=phases)  # fmt: skip
+    assert np.asarray(out.lengths).tolist() == lengths
+    # Every loop stops at the longest row's EOS (or sooner, at its stop or
+    # phase end), and the last one at exactly that step.
+    assert all(step <= min(stop, longest) for stop, step in calls), calls
+    assert calls[-1][1] == longest, calls
+    if stop_strings is None:
+        # One loop over all steps (every phase in one call), stopped early.
+        assert [c[0] for c in calls] == [T]
+    else:
+        # Chunks 1 -> 9 -> 17 ..., each phase a chunk overlaps a call of its
+        # own, up to the chunk holding the longest row's end and none after.
+        chunks = list(range(1 + k, min(T, 1 + -(-(longest - 1) // k) * k) + 1, k))
+        assert sorted({c[0] for c in calls}) == chunks, calls
+        assert chunks[-1] > longest
+        if phases == 1:
+            assert calls == [(stop, min(stop, longest)) for stop in chunks]
