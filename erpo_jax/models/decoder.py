@@ -349,7 +349,10 @@ class Decoder(nnx.Module):
         the sequence over the tensor axis (sequence parallelism): the block
         inputs that ``remat`` keeps for the backward pass then take
         ``1 / tensor`` of the memory, and the compiler gathers the sequence
-        for attention and the MLP. Cached prefill and decoding ignore it.
+        for attention and the MLP; ``P(("data", "fsdp"), None)`` pins only
+        the rows, which keeps an ``fsdp`` mesh data-parallel (weights
+        gathered, not activations; ``erpo_jax.train.residual_sharding``
+        gives the trainer's choice). Cached prefill and decoding ignore it.
         Not a parameter: it is not saved with the weights.
       rngs: initialization randomness (weights ~ N(0, 0.02), norms 1, biases 0).
 

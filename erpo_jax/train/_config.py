@@ -101,7 +101,9 @@ class ModelSpec:
       sequence_parallel: when ``mesh.tensor > 1``, split the training
         forward's residual stream along the sequence over the tensor axis
         (``Decoder(residual_sharding=...)``), so the block inputs that remat
-        keeps take ``1 / tensor`` of the memory. Values are unchanged.
+        keeps take ``1 / tensor`` of the memory. Values are unchanged. The
+        stream's rows are pinned over ``(data, fsdp)`` either way (see
+        ``erpo_jax.train.residual_sharding``).
     """
 
     checkpoint: str = "toy"

@@ -195,7 +195,7 @@ def _build(cfg: RunConfig, out: Path, log: Callable[[str], None]) -> _Run:
         scan_layers=cfg.model.scan_layers,
         attention_impl=cfg.model.attention_impl,
         attention_block=cfg.model.attention_block,
-        residual_sharding=residual_sharding(mesh) if cfg.model.sequence_parallel else None,
+        residual_sharding=residual_sharding(mesh, sequence_parallel=cfg.model.sequence_parallel),
         attention_mesh=mesh,
     )
     tokenizer = load_tokenizer(checkpoint)

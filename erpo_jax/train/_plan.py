@@ -430,7 +430,7 @@ def plan_memory(
     compute = jnp.dtype(dtype)
     lora = lora_rank > 0
     loss_cfg = LossConfig(name=loss)
-    residual = residual_sharding(mesh) if sequence_parallel else None
+    residual = residual_sharding(mesh, sequence_parallel=sequence_parallel)
     planned_attention = _planned_attention(attention_impl, _sampler.bucket_length(prompt_len),
                                            new_tokens)  # fmt: skip
 

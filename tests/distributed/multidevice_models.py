@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec
 
 from erpo_jax.models import Decoder, ModelConfig, load_hf_checkpoint, save_hf_checkpoint
 
@@ -86,7 +86,12 @@ from erpo_jax.train._mesh import batch_sharding, make_mesh, place_params, residu
 sp_mesh = make_mesh(MeshConfig(data=1, fsdp=2, tensor=4))
 residual = residual_sharding(sp_mesh)
 assert residual is not None and residual.spec[1] == "tensor", residual
-assert residual_sharding(make_mesh(MeshConfig(data=2, fsdp=4, tensor=1))) is None
+# Without a tensor axis (or with sequence parallelism off) only the rows are
+# pinned, over (data, fsdp); one device needs no pin.
+rows_only = PartitionSpec(("data", "fsdp"), None, None)
+assert residual_sharding(make_mesh(MeshConfig(data=2, fsdp=4, tensor=1))).spec == rows_only
+assert residual_sharding(sp_mesh, sequence_parallel=False).spec == rows_only
+assert residual_sharding(make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])) is None
 
 
 def policy(sp: bool, cfg: ModelConfig = config) -> Decoder:
