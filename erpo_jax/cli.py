@@ -485,6 +485,13 @@ def build_parser() -> argparse.ArgumentParser:
         "tensor axis, as the trainer does by default (model.sequence_parallel)",
     )
     p.add_argument(
+        "--gather-params",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with fsdp > 1, plan the rollout on parameters gathered over fsdp "
+        "(rollout.gather_params; default: auto, when they take at most 1/8 of --device-gib)",
+    )
+    p.add_argument(
         "--attention-impl",
         default="auto",
         help="model.attention_impl to plan with: auto (what auto picks on a GPU or TPU by "

@@ -58,6 +58,9 @@ class SamplingOptions:
       decode_phases: the sampler's decode loop in this many parts over a
         growing KV cache (``sample(decode_phases=)``), with or without stop
         strings; None: the sampler's auto rule (``resolve_decode_phases``).
+      gather_params: on a mesh with ``fsdp > 1``, gather the parameters over
+        it once per call (``sample(gather_params=)``); None: when they take
+        at most ``GATHER_FRACTION`` of a device's memory.
     """
 
     max_new_tokens: int = 64
@@ -71,6 +74,7 @@ class SamplingOptions:
     reft_marker: tuple[int, ...] = ()
     stop_check_every: int = 16
     decode_phases: int | None = None
+    gather_params: bool | None = None
 
 
 class Rollout(NamedTuple):
@@ -256,6 +260,7 @@ def generate(
         use_lora=use_lora,
         mesh=mesh,
         decode_phases=options.decode_phases,
+        gather_params=options.gather_params,
     )
     if multihost(mesh):
         # This process's rows only (the outputs are global arrays).

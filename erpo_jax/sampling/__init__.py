@@ -25,21 +25,25 @@ from erpo_jax.sampling._logits import (
 )
 from erpo_jax.sampling._sampler import (
     AUTO_DECODE_PHASES,
+    GATHER_FRACTION,
     SampleOutput,
     bucket_length,
     compiled_cache_sizes,
+    gather_shardings,
     resolve_decode_phases,
     sample,
 )
 
 __all__ = [
     "AUTO_DECODE_PHASES",
+    "GATHER_FRACTION",
     "GroupedPrompts",
     "SampleOutput",
     "StepSample",
     "bucket_length",
     "compiled_cache_sizes",
     "full_logp_and_entropy",
+    "gather_shardings",
     "global_rows",
     "local_rows",
     "reft_first_tokens",

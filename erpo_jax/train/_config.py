@@ -206,6 +206,13 @@ class RolloutConfig:
         and one loop otherwise (``erpo_jax.sampling.resolve_decode_phases``).
         1: one loop. With stop strings (these or a task's own), each host
         check's chunk runs the parts it overlaps.
+      gather_params: on a mesh with ``mesh.fsdp > 1``, gather the policy's
+        parameters over fsdp once per rollout, so its prefill and decode
+        steps run each device's rows without collectives
+        (``erpo_jax.sampling.sample(gather_params=)``). null (the default):
+        when the gathered parameters take at most 1/8 of a device's memory;
+        true: always; false: never (the rollout then runs on the sharded
+        parameters). Values are the same to float rounding.
       max_prompt_tokens: prompts longer than this are skipped (with a warning,
         counted in ``skipped_long_prompts``) and replaced by the next ones from
         the data stream; null: the model's context minus ``max_new_tokens``.
@@ -231,6 +238,7 @@ class RolloutConfig:
     stop_strings: tuple[str, ...] = ()
     stop_check_every: int = 16
     decode_phases: Optional[int] = None  # noqa: UP045
+    gather_params: Optional[bool] = None  # noqa: UP045
     max_prompt_tokens: Optional[int] = None  # noqa: UP045
     dynamic_sampling: bool = False
     max_sampling_tries: int = 4
@@ -719,6 +727,7 @@ _RESUMABLE = {
     "train.length_buckets",
     "train.micro_batches",
     "rollout.decode_phases",
+    "rollout.gather_params",
 }
 
 

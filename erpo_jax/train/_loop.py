@@ -313,6 +313,7 @@ def _sampling_options(cfg: RunConfig, marker: tuple[int, ...]):
         reft_marker=marker,
         stop_check_every=r.stop_check_every,
         decode_phases=r.decode_phases,
+        gather_params=r.gather_params,
     )
 
 

@@ -130,6 +130,7 @@ class _Request:
     logp_chunk_size: int | None = None
     sequence_parallel: bool = True
     attention_impl: str = "auto"
+    gather_params: bool | None = None
 
 
 # What --attention-impl accepts: the implementations that compile on the
@@ -197,6 +198,7 @@ def _request(args: argparse.Namespace) -> _Request:
         ),
         sequence_parallel=bool(getattr(args, "sequence_parallel", True)),
         attention_impl=_attention_impl(getattr(args, "attention_impl", "auto")),
+        gather_params=getattr(args, "gather_params", None),
     )
 
 
@@ -354,6 +356,8 @@ def plan_memory(
     sequence_parallel: bool = True,
     compile_update: bool = True,
     compile_sampler: bool = True,
+    gather_params: bool | None = None,
+    device_gib: float | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Per-device memory of one RL step of ``config`` on a mesh, compiled on abstract shapes.
@@ -386,6 +390,11 @@ def plan_memory(
       compile_update: compile the update step (else its activations are 0).
       compile_sampler: compile the sampler's prefill and decode loop (else
         the sampler temporaries are 0 and the KV cache is the analytic figure).
+      gather_params, device_gib: the rollout's ``sample(gather_params=)``
+        (``rollout.gather_params``): with fsdp > 1 the sampler runs on
+        parameters gathered over fsdp, whose copy counts in the rollout
+        phase. None (auto) decides against ``device_gib`` as the sampler
+        does against the device's memory (no ``device_gib``: gathered).
       log: ``log(str)`` for progress lines.
 
     Returns:
@@ -521,7 +530,7 @@ def plan_memory(
         activations = update_mem.temp_size_in_bytes
         compiled["update"] = _memory_dict(update_mem)
 
-    kv_bytes, sampler_temp, sampler_other = kv_analytic, 0, 0
+    kv_bytes, sampler_temp, sampler_other, gathered_bytes = kv_analytic, 0, 0, 0
     if compile_sampler:
         static = _sampler._Static(
             greedy=False, top_k=None, use_top_p=False, use_min_p=False, max_new_tokens=t,
@@ -541,6 +550,11 @@ def plan_memory(
         # The sampler gets the policy's whole state, as the trainer's rollout
         # does, and its rows sharded like the train batch.
         params = nnx.merge_state(trainable, frozen)
+        limit = None if device_gib is None else int(device_gib * GIB)
+        targets = _sampler.gather_shardings(params, mesh, gather_params, bytes_limit=limit)
+        if targets is not None:  # the copy sample() gathers for the rollout
+            params = _placed(params, targets)
+            gathered_bytes = _device_bytes(params)
         key_shape = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), batch))
         keys = rows(key_shape.shape, key_shape.dtype)
         tokens, mask = rows((batch, s_bucket), jnp.int32), rows((batch, s_bucket), jnp.bool_)
@@ -579,7 +593,7 @@ def plan_memory(
 
     persistent = params_bytes + opt_bytes + ref_bytes
     train_peak = persistent + batch_bytes + activations
-    rollout_peak = persistent + kv_bytes + sampler_other + sampler_temp
+    rollout_peak = persistent + gathered_bytes + kv_bytes + sampler_other + sampler_temp
     length = s_bucket + t - 1  # the update's forward runs on prompt + completion, less one
     scores = _attention_scores_bytes(config, batch, length, mesh_shape, micro_batches)
     logits = head_logits_bytes(
@@ -616,6 +630,7 @@ def plan_memory(
         "kv_cache_gib": kv_bytes / GIB,
         "kv_cache_analytic_gib": kv_analytic / GIB,
         "sampler_temp_gib": (sampler_temp + sampler_other) / GIB,
+        "sampler_params_gib": gathered_bytes / GIB,
         "train_peak_gib": train_peak / GIB,
         "rollout_peak_gib": rollout_peak / GIB,
         "total_gib": max(train_peak, rollout_peak) / GIB,
@@ -744,6 +759,8 @@ def format_plan(plan: dict[str, Any], model_name: str, device_gib: float | None)
     shared = f", {shared} shared" if shared else ""  # the prompt, once per group
     row(f"KV cache ({plan['cache_slots']} slots{shared}, {plan['dtype']})", plan["kv_cache_gib"],
         kv_note)  # fmt: skip
+    if plan.get("sampler_params_gib", 0):
+        row("parameters gathered over fsdp for the rollout", plan["sampler_params_gib"])
     if plan["sampler_compiled"]:
         row("sampler temporaries (prefill, decode loop)", plan["sampler_temp_gib"], "compiled")
     else:
@@ -777,8 +794,8 @@ def format_plan(plan: dict[str, Any], model_name: str, device_gib: float | None)
 
 
 _JSON_KEYS = ("params_gib", "optimizer_gib", "ref_params_gib", "activations_gib", "batch_gib",
-              "kv_cache_gib", "sampler_temp_gib", "train_peak_gib", "rollout_peak_gib",
-              "total_gib")  # fmt: skip
+              "kv_cache_gib", "sampler_temp_gib", "sampler_params_gib", "train_peak_gib",
+              "rollout_peak_gib", "total_gib")  # fmt: skip
 
 
 def plan_report(
@@ -820,6 +837,7 @@ def _run(req: _Request) -> int:
             dtype=req.dtype, lora_rank=req.lora_rank, micro_batches=req.micro_batches,
             remat=req.remat, logp_chunk_size=req.logp_chunk_size,
             sequence_parallel=req.sequence_parallel, attention_impl=req.attention_impl,
+            gather_params=req.gather_params, device_gib=req.device_gib,
             log=lambda msg: print(msg, file=sys.stderr, flush=True),
         )  # fmt: skip
     except PlanError as err:

@@ -9,7 +9,9 @@ or collective-permute at all, and every all-reduce carries only scalars
 the parameters; the gradient of the sharded input stays sharded. Then FSDP
 (mesh ``fsdp=8``, weights split over the rows' axis): with the trainer's
 ``residual_sharding`` pin, no collective carries a whole-batch float
-activation (it does without the pin). Prints ``OK``.
+activation (it does without the pin); and ``sample(..., mesh=)`` there
+gathers the parameters over fsdp once, so its decode loop has no array
+collective, with the same outputs as on the sharded parameters. Prints ``OK``.
 """
 
 from __future__ import annotations
@@ -185,4 +187,84 @@ pinned = residual_sharding(fsdp_mesh)
 assert pinned is not None and pinned.spec == PartitionSpec(("data", "fsdp"), None, None), pinned
 assert not activation_collectives(pinned), activation_collectives(pinned)
 assert activation_collectives(None)  # the test tells the two apart
+
+# ---------------------------------------------------------------- 4: sampling on FSDP
+# sample(..., mesh=) on fsdp=8 gathers the parameters over fsdp once
+# (gather_params): its decode loop then needs no collective but the loop's
+# scalar "all rows done" flag. Without the gather, XLA split every matmul's
+# contraction over fsdp and all-reduced activations and logits each step.
+from erpo_jax.sampling import _sampler, sample  # noqa: E402
+
+sampler_params = place_params(
+    nnx.split(Decoder(config, rngs=nnx.Rngs(0)))[1], fsdp_mesh, head_dim=config.head_dim
+)
+sampler_graphdef = nnx.split(Decoder(config, rngs=nnx.Rngs(0)))[0]
+_decode_jit = _sampler._decode_jit
+
+
+def abstract(x):
+    if isinstance(x, jax.Array):  # uncommitted scalars follow the mesh, as in the call
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding if x.committed else None)
+    return x
+
+
+def sample_and_decode_hlo(gather):
+    """``sample``'s outputs and its decode loop's compiled HLO (lowered again from
+    the first call's argument shapes and shardings)."""
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append((jax.tree.map(abstract, args), kwargs))
+        return _decode_jit(*args, **kwargs)
+
+    _sampler._decode_jit = spy
+    try:
+        out = sample(
+            (sampler_graphdef, sampler_params),
+            batch["prompt_tokens"][:, :S],
+            batch["prompt_mask"][:, :S] | (np.arange(S) == S - 1),
+            jax.random.key(5),
+            max_new_tokens=6,
+            eos_ids=(),
+            mesh=fsdp_mesh,
+            decode_phases=1,
+            gather_params=gather,
+        )
+    finally:
+        _sampler._decode_jit = _decode_jit
+    args, kwargs = calls[0]
+    return out, _decode_jit.lower(*args, **kwargs).compile().as_text()
+
+
+def array_collectives(hlo):
+    """Collectives whose result is not a scalar."""
+    found = []
+    for line in hlo.splitlines():
+        match = _OP.search(line)
+        if not match or "=" not in line[: match.start()] or match.group(2) == "-done":
+            continue
+        shapes = re.findall(r"[a-z0-9]+\[([0-9,]*)\]", line[: match.start()])
+        if any(dims for dims in shapes):
+            found.append(line.strip()[:120])
+    return found
+
+
+gathered, hlo_gathered = sample_and_decode_hlo(True)
+sharded, hlo_sharded = sample_and_decode_hlo(False)
+assert not array_collectives(hlo_gathered), array_collectives(hlo_gathered)
+assert array_collectives(hlo_sharded)  # the test tells the two apart
+assert gathered.tokens.sharding.is_equivalent_to(batch_sharding(fsdp_mesh, 2), 2)
+np.testing.assert_array_equal(np.asarray(gathered.tokens), np.asarray(sharded.tokens))
+for field in ("logp", "entropy"):  # the same values, summed in another order
+    np.testing.assert_allclose(np.asarray(getattr(gathered, field)),
+                               np.asarray(getattr(sharded, field)), rtol=1e-5, atol=1e-5)  # fmt: skip
+# Gathered leaves keep every split but fsdp's (tensor is 1 here: whole); params
+# not on the mesh, or
+# gather_params=False, or a budget too small under auto, gather nothing.
+targets = _sampler.gather_shardings(sampler_params, fsdp_mesh, True)
+assert all("fsdp" not in str(t.spec) and t.is_fully_replicated for t in jax.tree.leaves(targets))
+assert _sampler.gather_shardings(sampler_params, fsdp_mesh, False) is None
+assert _sampler.gather_shardings(sampler_params, fsdp_mesh, None, bytes_limit=1000) is None
+assert _sampler.gather_shardings(sampler_params, fsdp_mesh, None, bytes_limit=10**9) is not None
+assert _sampler.gather_shardings(sampler_params, mesh, True) is None  # data=8: no fsdp
 print("OK")

@@ -127,6 +127,11 @@ def test_resume_accepts_a_key_added_since_the_checkpoint_at_its_default():
     assert load_config(None, []).rollout.decode_phases is None
     auto = load_config(None, ["rollout.decode_phases=null"])
     assert _sampling_options(auto, ()).decode_phases is None
+    # rollout.gather_params: null (auto) by default, a bool passed on as given.
+    assert _sampling_options(auto, ()).gather_params is None
+    for value in (True, False):
+        cfg = load_config(None, [f"rollout.gather_params={str(value).lower()}"])
+        assert _sampling_options(cfg, ()).gather_params is value
     # With stop strings too (each host check's chunk runs the phases it overlaps).
     both = load_config(None, ["rollout.decode_phases=4", "rollout.stop_strings=[END]"])
     assert _sampling_options(both, ()).decode_phases == 4
