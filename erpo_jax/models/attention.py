@@ -14,6 +14,10 @@ one:
 - ``q_slots [S]`` int32: the slot of each query in the key axis. A query sees
   the keys at slots ``<= q_slot`` (causal). A cache-free forward has
   ``q_slots = arange(S)``; a cached extend has ``cache.index + arange(S)``.
+  A sliding window passes the pair ``(q_slots, first)`` instead (see
+  :func:`window_slots`): a query also sees no key before slot ``first``.
+  ``cudnn`` and ``splash`` then run as ``chunked``, and a shared ``prefix``
+  is refused.
 - ``kv_mask [B, C]`` bool: which slots hold real tokens (left padding,
   unwritten cache slots are False).
 - ``prefix`` (optional): a shared prefix ``(k [P, K, H, S_p], v [P, K,
@@ -81,7 +85,7 @@ import jax.numpy as jnp
 from erpo_jax.ops import matmul_precision
 from erpo_jax.typing import Array, Bool, Float, Int
 
-__all__ = ["ATTENTION_IMPLS", "attention", "resolve_attention_impl"]
+__all__ = ["ATTENTION_IMPLS", "attention", "resolve_attention_impl", "window_slots"]
 
 ATTENTION_IMPLS = ("auto", "xla", "chunked", "cudnn", "splash")
 """Accepted values of ``attention_impl`` (``Decoder``, ``load_hf_checkpoint``)."""
@@ -179,9 +183,14 @@ def attention(
             f"attention: keys of shape {k.shape} do not match values {v.shape} "
             f"(keys_transposed={keys_transposed}: expected {want})"
         )
+    windowed = isinstance(q_slots, tuple)
     if prefix is not None:
+        if windowed:
+            raise ValueError("attention: a sliding window with a shared prefix is not supported")
         return _shared_prefix_attention(q, k, v, q_slots, kv_mask, prefix, keys_transposed)
     impl = resolve_attention_impl(impl, s=s, c=c, dtype=q.dtype, head_dim=h)
+    if windowed and impl in ("cudnn", "splash"):
+        impl = "chunked"  # their masks take no per-layer traced window
     if impl == "xla":
         return _xla(q, k, v, q_slots, kv_mask, keys_transposed)
     if keys_transposed:
@@ -195,9 +204,33 @@ def attention(
     return _dot_product_attention(q, k, v, q_slots, kv_mask, implementation=impl)
 
 
+def window_slots(q_slots: Array, window: Any) -> tuple[Array, Array]:
+    """``q_slots`` for a sliding window of ``window`` keys: ``(q_slots, q_slots - window + 1)``.
+
+    A query then sees the keys at slots ``q_slot - window < slot <= q_slot``
+    (its own and the ``window - 1`` before it; Hugging Face's
+    ``sliding_window``). ``window`` may be traced (one value per scanned
+    layer; a full-attention layer among sliding ones passes a window longer
+    than any sequence).
+    """
+    q_slots = jnp.asarray(q_slots, jnp.int32)
+    return q_slots, q_slots - jnp.asarray(window, jnp.int32) + 1
+
+
+def _split_slots(q_slots):
+    """``(q_slots, first)``: ``first`` is None without a sliding window."""
+    if isinstance(q_slots, tuple):
+        return q_slots
+    return q_slots, None
+
+
 def _allowed(q_slots, kv_mask, slots):
-    """``[B, S, c]`` bool: causal by slot, and only real keys."""
-    return (slots[None, None, :] <= q_slots[None, :, None]) & kv_mask[:, None, :]
+    """``[B, S, c]`` bool: causal by slot (within the window, with one), and only real keys."""
+    q_slots, first = _split_slots(q_slots)
+    allowed = (slots[None, None, :] <= q_slots[None, :, None]) & kv_mask[:, None, :]
+    if first is not None:
+        allowed = allowed & (slots[None, None, :] >= first[None, :, None])
+    return allowed
 
 
 def _group(q, kh):
@@ -364,7 +397,7 @@ def _key_blocks(k, v, kv_mask, block):
 def _block_scores(qg, kb, q_slots, mask_b, slots_b, g, scale, c):
     """Masked float32 scores ``[B, K, G*S, c]`` of the grouped queries against one key block."""
     b = qg.shape[0]
-    s = q_slots.shape[0]
+    s = _split_slots(q_slots)[0].shape[0]
     prec = matmul_precision(qg.dtype)
     scores = jnp.einsum("bkqh,bkch->bkqc", qg, kb, preferred_element_type=jnp.float32,
                         precision=prec) * scale  # fmt: skip
@@ -494,7 +527,8 @@ def _causal_forward(q, k, v, q_slots, kv_mask, g, block, spans):
     xs, _ = _key_blocks(k, v, kv_mask, block)  # once, read by every span
     outs, stats = [], []
     for i0, i1, nkb in spans:
-        out, st = _chunked_forward(_group(q[:, i0:i1], kh), xs, q_slots[i0:i1], g, c, nkb)
+        span = jax.tree.map(lambda x: x[i0:i1], q_slots)  # noqa: B023
+        out, st = _chunked_forward(_group(q[:, i0:i1], kh), xs, span, g, c, nkb)
         outs.append(out)
         stats.append(st)
     return tuple(outs), tuple(stats)
@@ -530,7 +564,8 @@ def _causal_core_bwd(g, block, spans, res, d_out):
     dqs = []
     for (i0, i1, nkb), out, (m, denom) in zip(spans, outs, stats, strict=True):
         dq_i, dk_i, dv_i = _block_backward(
-            _group(q[:, i0:i1], kh), xs, q_slots[i0:i1], out, m, denom,
+            _group(q[:, i0:i1], kh), xs, jax.tree.map(lambda x: x[i0:i1], q_slots),  # noqa: B023
+            out, m, denom,
             _group(d_out[:, i0:i1], kh), g, c, nkb,
         )  # fmt: skip
         dk = dk.at[:nkb].add(dk_i)
@@ -552,7 +587,7 @@ def _chunked_attention(q, k, v, q_slots, kv_mask, *, block_size, causal_offset=N
     s = q.shape[1]
     kh, c = k.shape[1], k.shape[2]
     g = q.shape[2] // kh
-    q_slots = jnp.asarray(q_slots, jnp.int32)
+    q_slots = jax.tree.map(lambda x: jnp.asarray(x, jnp.int32), q_slots)
     kv_mask = jnp.asarray(kv_mask, bool)
 
     # Equal blocks of at most block_size keys: c = 520 runs as 2 x 260, not

@@ -98,6 +98,12 @@ class ModelConfig:
       max_position_embeddings: context length the model was trained for.
       bos_token_id, eos_token_ids, pad_token_id: special ids from config.json
         (``eos_token_ids`` is a tuple; HF allows an int or a list).
+      sliding_window: keys a sliding-window layer attends to (each query its
+        own and the ``sliding_window - 1`` before it), or None.
+      sliding_layers: indices of the layers that use it (Qwen2/Qwen3
+        ``use_sliding_window``: HF's ``layer_types`` "sliding_attention",
+        by default the layers from ``max_window_layers`` on); the others
+        attend fully.
     """
 
     model_type: str
@@ -120,6 +126,8 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
+    sliding_window: int | None = None
+    sliding_layers: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -151,6 +159,25 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.rope_theta must be > 0, got {self.rope_theta}")
         if not self.rms_norm_eps > 0:
             raise ValueError(f"ModelConfig.rms_norm_eps must be > 0, got {self.rms_norm_eps}")
+        if not isinstance(self.sliding_layers, tuple) or any(
+            not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < self.num_layers
+            for i in self.sliding_layers
+        ):
+            raise ValueError(
+                "ModelConfig.sliding_layers must be a tuple of layer indices in "
+                f"[0, num_layers={self.num_layers}), got {self.sliding_layers!r}"
+            )
+        if self.sliding_layers and (
+            not isinstance(self.sliding_window, int)
+            or isinstance(self.sliding_window, bool)
+            or self.sliding_window < 1
+        ):
+            raise ValueError(
+                "ModelConfig.sliding_window must be a positive int when sliding_layers is set, "
+                f"got {self.sliding_window!r}"
+            )
+        if self.sliding_layers and self.model_type == "llama":
+            raise ValueError("ModelConfig: llama has no sliding-window layers (sliding_layers)")
         if not isinstance(self.eos_token_ids, tuple):
             raise ValueError(
                 f"ModelConfig.eos_token_ids must be a tuple of ints, got {self.eos_token_ids!r}"
@@ -194,16 +221,7 @@ class ModelConfig:
         act = hf.get("hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"config.json hidden_act={act!r} is not supported; expected 'silu'")
-        if hf.get("use_sliding_window", False):
-            raise ValueError(
-                "config.json use_sliding_window=True is not supported; only full attention"
-            )
-        layer_types = hf.get("layer_types") or ()
-        if any(t != "full_attention" for t in layer_types):
-            raise ValueError(
-                f"config.json layer_types={sorted(set(layer_types))} is not supported; "
-                "only 'full_attention'"
-            )
+        window, sliding_layers = _parse_sliding(hf, model_type)
         if hf.get("pretraining_tp", 1) != 1:
             raise ValueError(
                 f"config.json pretraining_tp={hf['pretraining_tp']} is not supported; expected 1"
@@ -240,6 +258,8 @@ class ModelConfig:
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=tuple(int(e) for e in eos_ids),
             pad_token_id=hf.get("pad_token_id"),
+            sliding_window=window,
+            sliding_layers=sliding_layers,
         )
 
     def to_hf(self) -> dict[str, Any]:
@@ -294,6 +314,17 @@ class ModelConfig:
             hf["mlp_bias"] = self.mlp_bias
         elif self.mlp_bias:
             raise ValueError(f"ModelConfig: mlp_bias=True cannot be saved as {self.model_type!r}")
+        if self.sliding_layers:
+            sliding = set(self.sliding_layers)
+            hf["use_sliding_window"] = True
+            hf["sliding_window"] = self.sliding_window
+            hf["max_window_layers"] = min(sliding)
+            hf["layer_types"] = [
+                "sliding_attention" if i in sliding else "full_attention"
+                for i in range(self.num_layers)
+            ]
+        elif self.model_type != "llama":
+            hf["use_sliding_window"] = False
         return hf
 
     @classmethod
@@ -337,6 +368,50 @@ def _read_hf_dict(source: Any) -> _HFDict:
         out = _HFDict(parsed)
         out.where = path
     return out
+
+
+_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def _parse_sliding(hf: Mapping[str, Any], model_type: str) -> tuple[int | None, tuple[int, ...]]:
+    """``(sliding_window, sliding_layers)`` as ``transformers`` reads them.
+
+    ``use_sliding_window`` turns the window on (``sliding_window`` keys);
+    ``layer_types`` names each layer's attention, and without it the layers
+    from ``max_window_layers`` on slide (Qwen2/Qwen3). Llama has no window.
+    """
+    num_layers = int(hf["num_hidden_layers"])
+    layer_types = hf.get("layer_types")
+    if layer_types is not None:
+        bad = sorted({str(t) for t in layer_types} - set(_LAYER_TYPES))
+        if bad or len(layer_types) != num_layers:
+            raise ValueError(
+                f"config.json layer_types must list one of {_LAYER_TYPES} for each of the "
+                f"{num_layers} layers (num_hidden_layers), got {list(layer_types)!r}"
+            )
+    use = bool(hf.get("use_sliding_window", False))
+    if model_type == "llama":
+        if use or (layer_types and "sliding_attention" in layer_types):
+            raise ValueError("config.json: sliding-window attention is not supported for llama")
+        return None, ()
+    if layer_types is not None:
+        sliding = tuple(i for i, t in enumerate(layer_types) if t == "sliding_attention")
+    elif use:
+        first = int(hf.get("max_window_layers") or 0)
+        sliding = tuple(range(first, num_layers))
+    else:
+        sliding = ()
+    if not sliding:
+        return None, ()
+    window = hf.get("sliding_window")
+    if not use or not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ValueError(
+            f"config.json layer_types has sliding_attention layers {list(sliding)} but "
+            f"use_sliding_window={hf.get('use_sliding_window')!r} and "
+            f"sliding_window={window!r}; expected use_sliding_window=true and a positive "
+            "sliding_window"
+        )
+    return window, sliding
 
 
 def _parse_rope(hf: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:

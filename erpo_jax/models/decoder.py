@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Shaped
 
-from erpo_jax.models.attention import attention, check_attention_impl
+from erpo_jax.models.attention import attention, check_attention_impl, window_slots
 from erpo_jax.models.config import ModelConfig
 from erpo_jax.models.kv_cache import KVCache, init_kv_cache
 from erpo_jax.ops import matmul_precision
@@ -157,6 +157,16 @@ class DecodeConsts(NamedTuple):
 def positions_from_mask(mask: Shaped[Array, "B S"]) -> Int[Array, "B S"]:
     """RoPE positions of a left-padded batch: real tokens count 0, 1, ...; padding gets 0."""
     return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+_FULL_WINDOW = 2**30  # a "window" no sequence reaches: full attention
+
+
+def _windowed(visible, window):
+    """``visible`` ``(q_slots, kv_mask, ...)`` with ``q_slots`` limited to a sliding window."""
+    if window is None:
+        return visible
+    return (window_slots(visible[0], window), *visible[1:])
 
 
 def _check_ids(tokens, vocab_size: int) -> None:
@@ -686,6 +696,20 @@ class Decoder(nnx.Module):
         cos, sin = _rope_angles(self.config, positions)
         return cos[:, :, None], sin[:, :, None]
 
+    def _windows(self) -> tuple[int, ...] | None:
+        """Each layer's sliding window in keys, or None when every layer attends fully.
+
+        A full-attention layer among sliding ones gets :data:`_FULL_WINDOW`,
+        longer than any sequence (the layers may be scanned, one program).
+        """
+        c = self.config
+        if not c.sliding_layers:
+            return None
+        assert c.sliding_window is not None  # ModelConfig checks it
+        return tuple(
+            c.sliding_window if i in c.sliding_layers else _FULL_WINDOW for i in range(c.num_layers)
+        )
+
     def _pins(self, sharding, rows):
         """``(pin, unpin)`` for a residual stream of ``rows`` rows under ``sharding``.
 
@@ -759,10 +783,11 @@ class Decoder(nnx.Module):
             causal_offset=0 if cache is None or fresh else None,
         )
 
-        def layer(p, x, cache_k, cache_v, prefix=None):
+        def layer(p, x, cache_k, cache_v, prefix=None, window=None):
             """A block; this layer's ``cache_k [B, K, H, C]``, ``cache_v [B, K, C, H]``; or None.
 
-            ``prefix``: this layer's shared-prefix ``(k, v, mask)``, or None."""
+            ``prefix``: this layer's shared-prefix ``(k, v, mask)``, or None.
+            ``window``: this layer's sliding window (see :meth:`_windows`), or None."""
             kv = None
             if cache_k is not None:
                 index = cache[2]
@@ -778,16 +803,25 @@ class Decoder(nnx.Module):
                         return k.astype(cache_k.dtype), v.astype(cache_v.dtype)
                     return cache_k, cache_v
 
-            vis = visible if prefix is None else (*visible, prefix)
+            vis = _windowed(visible, window)
+            vis = vis if prefix is None else (*vis, prefix)
             x = block(p, x, cos, sin, vis, kv)
             return x, cache_k, cache_v
 
         if self.remat:
             layer = jax.checkpoint(layer)
         num_layers = self.config.num_layers
+        windows = self._windows()
         x = pin(x)
         if self.scan_layers and cache is None:
-            x, _ = jax.lax.scan(lambda x, p: (pin(layer(p, x, None, None)[0]), None), x, params)
+            if windows is None:
+                x, _ = jax.lax.scan(lambda x, p: (pin(layer(p, x, None, None)[0]), None), x, params)
+            else:
+                x, _ = jax.lax.scan(
+                    lambda x, pw: (pin(layer(pw[0], x, None, None, window=pw[1])[0]), None),
+                    x,
+                    (params, jnp.asarray(windows, jnp.int32)),
+                )
             return unpin(x), None
         # With a KV cache the layers are always unrolled: scanning would stack
         # and split the per-layer caches (a full copy) at every decode step.
@@ -797,7 +831,7 @@ class Decoder(nnx.Module):
         for i, p in enumerate(layers):
             ck, cv = (None, None) if cache is None else (cache[0][i], cache[1][i])
             pre = None if shared is None else (shared.k[i], shared.v[i], shared.mask)
-            x, ck, cv = layer(p, x, ck, cv, pre)
+            x, ck, cv = layer(p, x, ck, cv, pre, None if windows is None else windows[i])
             x = pin(x)
             new_k.append(ck)
             new_v.append(cv)
@@ -819,14 +853,14 @@ class Decoder(nnx.Module):
         block_p = self._block_fn(use_lora=use_lora, gather=unpin_p, causal_offset=0)
         block_c = self._block_fn(use_lora=use_lora, gather=unpin_c, causal_offset=xp.shape[1])
 
-        def layer(p, xp, xc):
+        def layer(p, xp, xc, window=None):
             prefix = []
 
             def keep(k, v):
                 prefix.append((k, v))
                 return k, v
 
-            xp = block_p(p, xp, *rope_p, vis_p, keep)
+            xp = block_p(p, xp, *rope_p, _windowed(vis_p, window), keep)
             kp, vp = prefix[0]
 
             def after_prompt(k, v):
@@ -836,20 +870,28 @@ class Decoder(nnx.Module):
 
                 return join(kp, k), join(vp, v)
 
-            return xp, block_c(p, xc, *rope_c, vis_c, after_prompt)
+            return xp, block_c(p, xc, *rope_c, _windowed(vis_c, window), after_prompt)
 
         if self.remat:
             layer = jax.checkpoint(layer)
 
-        def pinned(p, xp, xc):
+        def pinned(p, xp, xc, window=None):
             # Pinned outside the checkpoint, as in _run_layers.
-            xp, xc = layer(p, xp, xc)
+            xp, xc = layer(p, xp, xc, window)
             return pin_p(xp), pin_c(xc)
 
+        windows = self._windows()
         xp, xc = pin_p(xp), pin_c(xc)
-        if self.scan_layers:
+        if self.scan_layers and windows is None:
             (xp, xc), _ = jax.lax.scan(lambda c, p: (pinned(p, *c), None), (xp, xc), params)
+        elif self.scan_layers:
+            (xp, xc), _ = jax.lax.scan(
+                lambda c, pw: (pinned(pw[0], *c, pw[1]), None),
+                (xp, xc),
+                (params, jnp.asarray(windows, jnp.int32)),
+            )
         else:
             for i in range(self.config.num_layers):
-                xp, xc = pinned(jax.tree.map(lambda a, i=i: a[i], params), xp, xc)
+                w = None if windows is None else windows[i]
+                xp, xc = pinned(jax.tree.map(lambda a, i=i: a[i], params), xp, xc, w)
         return unpin_p(xp), unpin_c(xc)

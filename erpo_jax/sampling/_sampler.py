@@ -881,7 +881,9 @@ def sample(
     else:
         b_local = b
         keys = as_row_keys(key, b)
-    share = rows_per_prompt if share_prefix else 1
+    # A sliding window reads the cache by slot; the shared prefix's own slots
+    # are not supported by that mask, so such models prefill every row.
+    share = rows_per_prompt if share_prefix and not config.sliding_layers else 1
     if mesh is not None:
         shards = _row_shards(mesh)
         if b % shards:

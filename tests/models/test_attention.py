@@ -40,7 +40,7 @@ def _inputs(seed, b, s, n, kh, c, h, *, offset=0, pads=(0, 3), dtype=jnp.float32
     return q, k, v, q_slots, jnp.asarray(kv_mask)
 
 
-def _numpy_attention(q, k, v, q_slots, kv_mask):
+def _numpy_attention(q, k, v, q_slots, kv_mask, window=None):
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     b, s, n, h = q.shape
     kh, c = k.shape[1], k.shape[2]
@@ -48,6 +48,8 @@ def _numpy_attention(q, k, v, q_slots, kv_mask):
     for bi in range(b):
         for qi in range(s):
             allowed = (np.arange(c) <= int(q_slots[qi])) & np.asarray(kv_mask[bi])
+            if window is not None:  # the query's own key and the window - 1 before it
+                allowed &= np.arange(c) > int(q_slots[qi]) - window
             for ni in range(n):
                 kk, vv = k[bi, ni // (n // kh)], v[bi, ni // (n // kh)]
                 scores = kk @ q[bi, qi, ni] / np.sqrt(h)
@@ -71,6 +73,51 @@ def test_chunked_and_xla_match_numpy_in_value(s, c, offset, block):
     chunked = _attend(q, k, v, q_slots, kv_mask, impl="chunked", block_size=block)
     np.testing.assert_allclose(np.asarray(xla), want, atol=2e-6, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(chunked), want, atol=2e-6, rtol=1e-5)
+
+
+# (S, C, offset, block, causal_offset): self-attention in key blocks, in causal
+# query spans, a cached extend, a decode step.
+@pytest.mark.parametrize(
+    ("s", "c", "offset", "block", "causal"),
+    [(37, 37, 0, 8, None), (37, 37, 0, 8, 0), (24, 50, 13, 7, None), (1, 21, 13, 8, None)],
+)
+@pytest.mark.parametrize("impl", ["xla", "chunked", "cudnn", "splash", "auto"])
+def test_sliding_window_attention_matches_numpy(s, c, offset, block, causal, impl):
+    """A sliding window of 5 keys, given as window_slots(q_slots, 5); cudnn and
+    splash run as chunked (their masks take no traced window), on CPU too."""
+    q, k, v, q_slots, kv_mask = _inputs(4, 2, s, 4, 2, c, 8, offset=offset)
+    want = _numpy_attention(q, k, v, q_slots, kv_mask, window=5)
+    f = jax.jit(functools.partial(A.attention, impl=impl, block_size=block, causal_offset=causal))
+    got = f(q, k, v, A.window_slots(q_slots, jnp.int32(5)), kv_mask)
+    # Queries that see a key (a padding query's output is unspecified).
+    sees = np.asarray(kv_mask)[:, np.asarray(q_slots)]
+    np.testing.assert_allclose(np.asarray(got)[sees], want[sees], atol=2e-6, rtol=1e-5)
+    # ... and the window cuts keys here: full attention differs.
+    assert np.abs(want - _numpy_attention(q, k, v, q_slots, kv_mask)).max() > 1e-2
+
+
+def test_sliding_window_gradients_equal_xla():
+    q, k, v, q_slots, kv_mask = _inputs(5, 2, 37, 4, 2, 37, 8)
+    slots = A.window_slots(q_slots, 6)
+
+    def loss(impl, **kw):
+        def f(q, k, v):
+            out = A.attention(q, k, v, slots, kv_mask, impl=impl, **kw)
+            return jnp.sum(jnp.sin(out) * kv_mask[:, :, None])
+
+        return jax.jit(jax.grad(f, argnums=(0, 1, 2)))(q, k, v)
+
+    want = loss("xla")
+    for kw in (dict(block_size=8), dict(block_size=8, causal_offset=0)):
+        for got, ref in zip(loss("chunked", **kw), want, strict=True):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=2e-5, rtol=1e-4)
+
+
+def test_sliding_window_with_a_shared_prefix_is_refused():
+    q, k, v, q_slots, kv_mask = _inputs(6, 2, 1, 4, 2, 5, 8, offset=4)
+    prefix = (jnp.zeros((1, 2, 8, 3)), jnp.zeros((1, 2, 3, 8)), jnp.ones((1, 3), bool))
+    with pytest.raises(ValueError, match="sliding window with a shared prefix"):
+        A.attention(q, k, v, A.window_slots(q_slots, 2), kv_mask, prefix)
 
 
 # (S, C, offset): a decode step (S == 1, XLA:CPU's multiply-reduce path), and

@@ -72,7 +72,7 @@ def test_preset_parameter_counts():
         ({"model_type": "gpt2"}, "model_type='gpt2'.*'llama', 'qwen2', 'qwen3'"),
         ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope scaling type 'yarn'"),
         ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
-        ({"use_sliding_window": True}, "use_sliding_window"),
+        ({"use_sliding_window": True, "sliding_window": 0}, "positive sliding_window"),
         ({"num_key_value_heads": 5}, "num_kv_heads=5"),
         ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "missing"),
     ],

@@ -167,3 +167,124 @@ def test_mesh_placement_gives_the_same_logits(hf, hf_checkpoint):
         hf.torch_logits(torch_model, tokens, mask),
         mask,
     )
+
+
+# ------------------------------------------------------------ sliding windows
+# Qwen2/Qwen3 with use_sliding_window: layer 0 attends fully, layers 1-2 see
+# each query's own key and the 2 before it (HF's layer_types from
+# max_window_layers=1), on rows of 12 tokens, so the window cuts most keys.
+SLIDING = dict(num_hidden_layers=3, use_sliding_window=True, sliding_window=3, max_window_layers=1)
+
+
+@pytest.fixture(scope="module")
+def sliding_checkpoints(tmp_path_factory, hf):
+    out = {}
+    for family in ("qwen3", "qwen2"):
+        torch_model = hf.random_hf_model(family, **SLIDING)
+        assert torch_model.config.layer_types == [
+            "full_attention", "sliding_attention", "sliding_attention"
+        ]  # fmt: skip
+        path = tmp_path_factory.mktemp(f"hf_sliding_{family}")
+        torch_model.save_pretrained(path)
+        out[family] = (str(path), torch_model)
+    return out
+
+
+@pytest.mark.parametrize(
+    "scan_layers, attention_impl", [(False, "xla"), (True, "xla"), (True, "chunked")]
+)
+@pytest.mark.parametrize("family", ["qwen3", "qwen2"])
+def test_sliding_window_logits_match_transformers(
+    hf, sliding_checkpoints, family, scan_layers, attention_impl
+):
+    path, torch_model = sliding_checkpoints[family]
+    model, config = load_hf_checkpoint(
+        path, scan_layers=scan_layers, attention_impl=attention_impl, attention_block=4
+    )
+    assert (config.sliding_window, config.sliding_layers) == (3, (1, 2))
+    assert ModelConfig.from_hf(config.to_hf()) == config
+    tokens, mask = hf.padded_batch(seed=4)
+    ref = hf.torch_logits(torch_model, tokens, mask)
+    _close(_forward(model, jnp.asarray(tokens), jnp.asarray(mask)), ref, mask)
+    # The window matters here: the same weights attending fully differ.
+    import dataclasses
+
+    full = nnx.merge(*nnx.split(model))
+    full.config = dataclasses.replace(config, sliding_window=None, sliding_layers=())
+    gap = np.abs(np.asarray(_forward(full, jnp.asarray(tokens), jnp.asarray(mask))) - ref)[mask]
+    assert gap.max() > 1e-2, gap.max()
+
+
+def test_sliding_window_cached_decoding_and_sampler_match_the_forward(hf, sliding_checkpoints):
+    """Prefill + decode steps (slots of a KV cache) see the forward's windows;
+    grouped sampling prefills every row (no shared prefix) and scores match."""
+    from erpo_jax.sampling import sample
+
+    path, _ = sliding_checkpoints["qwen3"]
+    model, _ = load_hf_checkpoint(path)
+    tokens, mask = hf.padded_batch(seed=5)
+    tokens, mask = tokens[:2], mask[:2]  # padding only where the prefill reads it
+    want = np.asarray(_forward(model, jnp.asarray(tokens), jnp.asarray(mask)))
+    s0 = 5  # prefill 5 columns, then decode the other 7 one at a time
+    logits, cache = model.prefill(jnp.asarray(tokens[:, :s0]), jnp.asarray(mask[:, :s0]),
+                                  max_length=tokens.shape[1])  # fmt: skip
+    got = [np.asarray(logits)]
+    for j in range(s0, tokens.shape[1]):
+        logits, cache = model.decode_step(jnp.asarray(tokens[:, j]), cache)
+        got.append(np.asarray(logits))
+    got = np.stack(got, axis=1)  # the logits after columns s0-1 .. 11
+    rows = mask[:, s0 - 1 :]
+    np.testing.assert_allclose(got[rows], want[:, s0 - 1 :][rows], atol=1e-4, rtol=1e-4)
+
+    prompt = np.repeat(tokens[:1, :4], 4, axis=0)
+    out = sample(model, prompt, np.ones_like(prompt, bool), jax.random.key(0),
+                 max_new_tokens=8, eos_ids=(), group_size=4)  # fmt: skip
+    full = np.concatenate([prompt, np.asarray(out.tokens)], axis=1)
+    ref = jax.nn.log_softmax(_forward(model, jnp.asarray(full), jnp.ones_like(full, bool)), -1)
+    ref_logp = np.take_along_axis(np.asarray(ref)[:, 3:-1], np.asarray(out.tokens)[..., None], -1)
+    np.testing.assert_allclose(np.asarray(out.logp), ref_logp[..., 0], atol=1e-4)
+
+
+def test_sliding_window_configs_are_read_as_transformers_reads_them():
+    base = dict(model_type="qwen3", vocab_size=8, hidden_size=8, intermediate_size=8,
+                num_hidden_layers=4, num_attention_heads=2, head_dim=4)  # fmt: skip
+    c = ModelConfig.from_hf({**base, "use_sliding_window": True, "sliding_window": 5,
+                             "max_window_layers": 2})  # fmt: skip
+    assert (c.sliding_window, c.sliding_layers) == (5, (2, 3))
+    c = ModelConfig.from_hf({**base, "use_sliding_window": True, "sliding_window": 5,
+                             "layer_types": ["sliding_attention", "full_attention"] * 2})  # fmt: skip
+    assert c.sliding_layers == (0, 2)
+    # Off: the window and HF's layer_types of all-full layers read as full attention.
+    c = ModelConfig.from_hf({**base, "sliding_window": 5, "layer_types": ["full_attention"] * 4})
+    assert (c.sliding_window, c.sliding_layers) == (None, ())
+    with pytest.raises(ValueError, match=r"layer_types must list one of .* 4 layers"):
+        ModelConfig.from_hf({**base, "layer_types": ["chunked_attention"] * 4})
+    with pytest.raises(ValueError, match=r"use_sliding_window=None.*positive sliding_window"):
+        ModelConfig.from_hf({**base, "layer_types": ["sliding_attention"] * 4})
+    with pytest.raises(ValueError, match="llama"):
+        ModelConfig.from_hf({**base, "model_type": "llama", "use_sliding_window": True})
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_sliding_window_scoring_with_shared_prompts_equals_unshared(
+    hf, sliding_checkpoints, scan_layers
+):
+    """The trainer's scoring runs each group's prompt once (group_size): with
+    sliding windows across the prompt/completion boundary it gives the
+    per-row forward's log-probs and entropies."""
+    from erpo_jax.models import score_completions
+
+    path, _ = sliding_checkpoints["qwen2"]
+    model, _ = load_hf_checkpoint(path, scan_layers=scan_layers)
+    rng = np.random.default_rng(7)
+    prompts = rng.integers(0, 97, (2, 6)).astype(np.int32)
+    pmask = np.arange(6)[None] >= np.array([0, 2])[:, None]  # left padding
+    group = 3
+    ptok, pm = np.repeat(prompts, group, axis=0), np.repeat(pmask, group, axis=0)
+    tokens = rng.integers(0, 97, (6, 7)).astype(np.int32)
+    mask = np.arange(7)[None] < np.array([7, 5, 7, 2, 7, 6])[:, None]
+    args = tuple(jnp.asarray(x) for x in (ptok, pm, tokens, mask))
+    shared = score_completions(model, *args, group_size=group)
+    rows = score_completions(model, *args, group_size=1)
+    for a, b in zip(shared, rows, strict=True):
+        np.testing.assert_allclose(np.asarray(a)[mask], np.asarray(b)[mask], atol=2e-5)
