@@ -29,7 +29,7 @@ from erpo_jax.sampling._sampler import (
     SampleOutput,
     bucket_length,
     compiled_cache_sizes,
-    gather_shardings,
+    gathered_layout,
     resolve_decode_phases,
     sample,
 )
@@ -43,7 +43,7 @@ __all__ = [
     "bucket_length",
     "compiled_cache_sizes",
     "full_logp_and_entropy",
-    "gather_shardings",
+    "gathered_layout",
     "global_rows",
     "local_rows",
     "reft_first_tokens",

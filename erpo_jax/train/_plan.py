@@ -551,9 +551,11 @@ def plan_memory(
         # does, and its rows sharded like the train batch.
         params = nnx.merge_state(trainable, frozen)
         limit = None if device_gib is None else int(device_gib * GIB)
-        targets = _sampler.gather_shardings(params, mesh, gather_params, bytes_limit=limit)
-        if targets is not None:  # the copy sample() gathers for the rollout
-            params = _placed(params, targets)
+        layout = _sampler.gathered_layout(
+            params, mesh, gather_params, dtype=compute, bytes_limit=limit
+        )
+        if layout is not None:  # the copy sample() gathers for the rollout
+            params = layout
             gathered_bytes = _device_bytes(params)
         key_shape = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), batch))
         keys = rows(key_shape.shape, key_shape.dtype)

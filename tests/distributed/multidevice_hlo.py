@@ -11,7 +11,8 @@ the parameters; the gradient of the sharded input stays sharded. Then FSDP
 ``residual_sharding`` pin, no collective carries a whole-batch float
 activation (it does without the pin); and ``sample(..., mesh=)`` there
 gathers the parameters over fsdp once, so its decode loop has no array
-collective, with the same outputs as on the sharded parameters. Prints ``OK``.
+collective, with the same outputs as on the sharded parameters (in bf16
+compute, gathered already cast: the outputs of one device). Prints ``OK``.
 """
 
 from __future__ import annotations
@@ -259,12 +260,35 @@ for field in ("logp", "entropy"):  # the same values, summed in another order
     np.testing.assert_allclose(np.asarray(getattr(gathered, field)),
                                np.asarray(getattr(sharded, field)), rtol=1e-5, atol=1e-5)  # fmt: skip
 # Gathered leaves keep every split but fsdp's (tensor is 1 here: whole); params
-# not on the mesh, or
-# gather_params=False, or a budget too small under auto, gather nothing.
-targets = _sampler.gather_shardings(sampler_params, fsdp_mesh, True)
-assert all("fsdp" not in str(t.spec) and t.is_fully_replicated for t in jax.tree.leaves(targets))
-assert _sampler.gather_shardings(sampler_params, fsdp_mesh, False) is None
-assert _sampler.gather_shardings(sampler_params, fsdp_mesh, None, bytes_limit=1000) is None
-assert _sampler.gather_shardings(sampler_params, fsdp_mesh, None, bytes_limit=10**9) is not None
-assert _sampler.gather_shardings(sampler_params, mesh, True) is None  # data=8: no fsdp
+# not on the mesh, or gather_params=False, or a budget too small under auto,
+# gather nothing.
+layout = _sampler.gathered_layout(sampler_params, fsdp_mesh, True)
+assert all("fsdp" not in str(t.sharding.spec) and t.sharding.is_fully_replicated
+           for t in jax.tree.leaves(layout))  # fmt: skip
+assert _sampler.gathered_layout(sampler_params, fsdp_mesh, False) is None
+assert _sampler.gathered_layout(sampler_params, fsdp_mesh, None, bytes_limit=1000) is None
+assert _sampler.gathered_layout(sampler_params, fsdp_mesh, None, bytes_limit=10**9) is not None
+assert _sampler.gathered_layout(sampler_params, mesh, True) is None  # data=8: no fsdp
+
+# A bfloat16-compute model with float32 parameters: every weight but the norms
+# is gathered already in bfloat16 (what the model computes with), so the
+# rollout samples exactly what one device with the float32 parameters does.
+bf16_layout = _sampler.gathered_layout(sampler_params, fsdp_mesh, True, dtype=jnp.bfloat16)
+for path, t in jax.tree_util.tree_flatten_with_path(bf16_layout)[0]:
+    name = str(path[-2].key if len(path) > 1 else path[-1])
+    assert t.dtype == (jnp.float32 if name.endswith("norm") else jnp.bfloat16), (name, t.dtype)
+bf16_graphdef = nnx.split(Decoder(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))[0]
+one_device = jax.device_put(sampler_params, jax.devices()[0])
+prompts = np.asarray(batch["prompt_tokens"][:, :S])
+
+
+def bf16_sample(params, mesh):
+    return sample((bf16_graphdef, params), prompts, np.ones_like(prompts, bool),
+                  jax.random.key(6), max_new_tokens=5, eos_ids=(), mesh=mesh,
+                  decode_phases=1, gather_params=True)  # fmt: skip
+
+
+meshed, single = bf16_sample(sampler_params, fsdp_mesh), bf16_sample(one_device, None)
+np.testing.assert_array_equal(np.asarray(meshed.tokens), np.asarray(single.tokens))
+np.testing.assert_allclose(np.asarray(meshed.logp), np.asarray(single.logp), atol=1e-5)
 print("OK")

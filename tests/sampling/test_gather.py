@@ -10,7 +10,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from erpo_jax.sampling import GATHER_FRACTION, gather_shardings
+from erpo_jax.sampling import GATHER_FRACTION, gathered_layout
 from erpo_jax.sampling._sampler import _without_fsdp
 
 
@@ -31,6 +31,6 @@ def test_without_fsdp_drops_only_the_fsdp_axis():
 def test_no_gather_without_an_fsdp_axis_or_placed_params():
     one = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
     params = {"w": jax.numpy.ones((4, 4))}
-    assert gather_shardings(params, one, True) is None  # fsdp is 1: nothing to gather
-    assert gather_shardings(params, None, True) is None
+    assert gathered_layout(params, one, True) is None  # fsdp is 1: nothing to gather
+    assert gathered_layout(params, None, True) is None
     assert 0 < GATHER_FRACTION < 1
