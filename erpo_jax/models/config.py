@@ -376,9 +376,11 @@ _LAYER_TYPES = ("full_attention", "sliding_attention")
 def _parse_sliding(hf: Mapping[str, Any], model_type: str) -> tuple[int | None, tuple[int, ...]]:
     """``(sliding_window, sliding_layers)`` as ``transformers`` reads them.
 
-    ``use_sliding_window`` turns the window on (``sliding_window`` keys);
+    Qwen2/Qwen3: ``use_sliding_window`` turns the window on (``sliding_window``
+    keys, 4096 when absent; None or off: every layer attends fully);
     ``layer_types`` names each layer's attention, and without it the layers
-    from ``max_window_layers`` on slide (Qwen2/Qwen3). Llama has no window.
+    from ``max_window_layers`` (28 when absent) on slide. Llama has no
+    window (its config ignores these keys).
     """
     num_layers = int(hf["num_hidden_layers"])
     layer_types = hf.get("layer_types")
@@ -389,29 +391,20 @@ def _parse_sliding(hf: Mapping[str, Any], model_type: str) -> tuple[int | None, 
                 f"config.json layer_types must list one of {_LAYER_TYPES} for each of the "
                 f"{num_layers} layers (num_hidden_layers), got {list(layer_types)!r}"
             )
-    use = bool(hf.get("use_sliding_window", False))
-    if model_type == "llama":
-        if use or (layer_types and "sliding_attention" in layer_types):
-            raise ValueError("config.json: sliding-window attention is not supported for llama")
+    window = hf.get("sliding_window", 4096)
+    if model_type == "llama" or not hf.get("use_sliding_window", False) or window is None:
         return None, ()
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ValueError(
+            f"config.json sliding_window={window!r} with use_sliding_window=true; expected a "
+            "positive sliding_window"
+        )
     if layer_types is not None:
         sliding = tuple(i for i, t in enumerate(layer_types) if t == "sliding_attention")
-    elif use:
-        first = int(hf.get("max_window_layers") or 0)
-        sliding = tuple(range(first, num_layers))
     else:
-        sliding = ()
-    if not sliding:
-        return None, ()
-    window = hf.get("sliding_window")
-    if not use or not isinstance(window, int) or isinstance(window, bool) or window < 1:
-        raise ValueError(
-            f"config.json layer_types has sliding_attention layers {list(sliding)} but "
-            f"use_sliding_window={hf.get('use_sliding_window')!r} and "
-            f"sliding_window={window!r}; expected use_sliding_window=true and a positive "
-            "sliding_window"
-        )
-    return window, sliding
+        first = hf.get("max_window_layers", 28)
+        sliding = tuple(range(int(28 if first is None else first), num_layers))
+    return (window, sliding) if sliding else (None, ())
 
 
 def _parse_rope(hf: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:

@@ -245,24 +245,48 @@ def test_sliding_window_cached_decoding_and_sampler_match_the_forward(hf, slidin
     np.testing.assert_allclose(np.asarray(out.logp), ref_logp[..., 0], atol=1e-4)
 
 
-def test_sliding_window_configs_are_read_as_transformers_reads_them():
+@pytest.mark.parametrize(
+    "keys",
+    [
+        {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 2},
+        {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 0},
+        {"use_sliding_window": True, "sliding_window": 5},  # HF's max_window_layers: 28
+        {"use_sliding_window": True, "max_window_layers": 1},  # HF's sliding_window: 4096
+        {"use_sliding_window": True, "sliding_window": None, "max_window_layers": 1},
+        {"use_sliding_window": True, "sliding_window": 5,
+         "layer_types": ["sliding_attention", "full_attention"] * 2},
+        {"use_sliding_window": False, "sliding_window": 5,
+         "layer_types": ["sliding_attention"] * 4},
+        {"sliding_window": 5, "layer_types": ["full_attention"] * 4},
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("family", ["qwen3", "qwen2"])
+def test_sliding_window_configs_are_read_as_transformers_reads_them(family, keys):
+    """The windowed layers and window transformers itself derives from the same keys."""
+    import transformers
+
+    base = dict(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=4,
+                num_attention_heads=2, num_key_value_heads=2, head_dim=4)  # fmt: skip
+    cls = transformers.Qwen3Config if family == "qwen3" else transformers.Qwen2Config
+    ref = cls(**base, **keys)
+    want = tuple(i for i, t in enumerate(ref.layer_types) if t == "sliding_attention")
+    if ref.sliding_window is None:
+        want = ()  # HF attends fully without a window, whatever layer_types say
+    c = ModelConfig.from_hf({"model_type": family, **base, **keys})
+    assert c.sliding_layers == want, (keys, ref.layer_types, ref.sliding_window)
+    assert c.sliding_window == (ref.sliding_window if want else None)
+
+
+def test_sliding_window_config_errors_name_the_key():
     base = dict(model_type="qwen3", vocab_size=8, hidden_size=8, intermediate_size=8,
                 num_hidden_layers=4, num_attention_heads=2, head_dim=4)  # fmt: skip
-    c = ModelConfig.from_hf({**base, "use_sliding_window": True, "sliding_window": 5,
-                             "max_window_layers": 2})  # fmt: skip
-    assert (c.sliding_window, c.sliding_layers) == (5, (2, 3))
-    c = ModelConfig.from_hf({**base, "use_sliding_window": True, "sliding_window": 5,
-                             "layer_types": ["sliding_attention", "full_attention"] * 2})  # fmt: skip
-    assert c.sliding_layers == (0, 2)
-    # Off: the window and HF's layer_types of all-full layers read as full attention.
-    c = ModelConfig.from_hf({**base, "sliding_window": 5, "layer_types": ["full_attention"] * 4})
-    assert (c.sliding_window, c.sliding_layers) == (None, ())
     with pytest.raises(ValueError, match=r"layer_types must list one of .* 4 layers"):
         ModelConfig.from_hf({**base, "layer_types": ["chunked_attention"] * 4})
-    with pytest.raises(ValueError, match=r"use_sliding_window=None.*positive sliding_window"):
-        ModelConfig.from_hf({**base, "layer_types": ["sliding_attention"] * 4})
-    with pytest.raises(ValueError, match="llama"):
-        ModelConfig.from_hf({**base, "model_type": "llama", "use_sliding_window": True})
+    with pytest.raises(ValueError, match=r"sliding_window=0 .*positive sliding_window"):
+        ModelConfig.from_hf({**base, "use_sliding_window": True, "sliding_window": 0})
+    # Llama's config has no window: the keys are ignored, as transformers does.
+    c = ModelConfig.from_hf({**base, "model_type": "llama", "use_sliding_window": True})
+    assert (c.sliding_window, c.sliding_layers) == (None, ())
 
 
 @pytest.mark.parametrize("scan_layers", [False, True])

@@ -468,3 +468,14 @@ def test_plan_fits_issue_11_setting_on_tpu_v5e_8():
     kv = kv_cache_bytes(c, batch=128, slots=512 + 4096 - 1, dtype="bfloat16", row_shards=1,
                         shared_prefix=512, group_size=8)  # fmt: skip
     assert summary["kv_cache_gib"] == pytest.approx(kv / 8 / GIB, abs=1e-4)
+
+
+def test_plan_prefills_every_row_of_a_sliding_window_model():
+    """sample() shares no prompt cache for a windowed model; the plan compiles
+    and counts the sampler the same way (it used to fail on the shared prefix)."""
+    c = dataclasses.replace(tiny_config(), sliding_window=4, sliding_layers=(1,))
+    plan = plan_memory(c, (1, 1, 1), 16, 8, 24, loss="grpo", compile_update=False)
+    assert plan["kv_shared_prefix"] == 0
+    slots = 8 + 24 - 1  # every row holds the prompt bucket and its own 23 slots
+    kv = kv_cache_bytes(c, batch=16, slots=slots, dtype="bfloat16", row_shards=1)
+    assert plan["kv_cache_gib"] * GIB == kv
