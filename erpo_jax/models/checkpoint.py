@@ -328,7 +328,8 @@ def save_hf_checkpoint(
     not modified). Weights keep the model's ``param_dtype``.
 
     With parameters sharded over several processes (multi-host), call it on
-    every process: each gathers the weights, and process 0 writes.
+    every process: each gathers the weights, process 0 writes, and every
+    process returns once the files are complete.
 
     Args:
       model: the decoder.
@@ -342,6 +343,18 @@ def save_hf_checkpoint(
     writer = jax.process_index() == 0
     if writer:
         os.makedirs(directory, exist_ok=True)
+    try:
+        _write_hf_checkpoint(model, config, directory, max_shard_bytes, writer)
+    finally:
+        if jax.process_count() > 1:  # no process returns before the files are complete
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"save_hf_checkpoint {directory}")
+
+
+def _write_hf_checkpoint(
+    model: Decoder, config: ModelConfig, directory: str, max_shard_bytes: int, writer: bool
+) -> None:
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     total = 0
