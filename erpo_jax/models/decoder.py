@@ -162,6 +162,17 @@ def positions_from_mask(mask: Shaped[Array, "B S"]) -> Int[Array, "B S"]:
 _FULL_WINDOW = 2**30  # a "window" no sequence reaches: full attention
 
 
+def _layer_xs(params, windows):
+    """The scan input over layers: the stacked parameters, with each layer's
+    window when there are windows; :func:`_layer_x` splits one step's back out."""
+    return params if windows is None else (params, jnp.asarray(windows, jnp.int32))
+
+
+def _layer_x(xs, windows):
+    """``(params, window)`` of one scan step over :func:`_layer_xs`."""
+    return (xs, None) if windows is None else xs
+
+
 def _windowed(visible, window):
     """``visible`` ``(q_slots, kv_mask, ...)`` with ``q_slots`` limited to a sliding window."""
     if window is None:
@@ -814,14 +825,12 @@ class Decoder(nnx.Module):
         windows = self._windows()
         x = pin(x)
         if self.scan_layers and cache is None:
-            if windows is None:
-                x, _ = jax.lax.scan(lambda x, p: (pin(layer(p, x, None, None)[0]), None), x, params)
-            else:
-                x, _ = jax.lax.scan(
-                    lambda x, pw: (pin(layer(pw[0], x, None, None, window=pw[1])[0]), None),
-                    x,
-                    (params, jnp.asarray(windows, jnp.int32)),
-                )
+
+            def step(x, xs):
+                p, window = _layer_x(xs, windows)
+                return pin(layer(p, x, None, None, window=window)[0]), None
+
+            x, _ = jax.lax.scan(step, x, _layer_xs(params, windows))
             return unpin(x), None
         # With a KV cache the layers are always unrolled: scanning would stack
         # and split the per-layer caches (a full copy) at every decode step.
@@ -882,14 +891,13 @@ class Decoder(nnx.Module):
 
         windows = self._windows()
         xp, xc = pin_p(xp), pin_c(xc)
-        if self.scan_layers and windows is None:
-            (xp, xc), _ = jax.lax.scan(lambda c, p: (pinned(p, *c), None), (xp, xc), params)
-        elif self.scan_layers:
-            (xp, xc), _ = jax.lax.scan(
-                lambda c, pw: (pinned(pw[0], *c, pw[1]), None),
-                (xp, xc),
-                (params, jnp.asarray(windows, jnp.int32)),
-            )
+        if self.scan_layers:
+
+            def step(carry, xs):
+                p, window = _layer_x(xs, windows)
+                return pinned(p, *carry, window), None
+
+            (xp, xc), _ = jax.lax.scan(step, (xp, xc), _layer_xs(params, windows))
         else:
             for i in range(self.config.num_layers):
                 w = None if windows is None else windows[i]

@@ -449,6 +449,19 @@ def _spans_devices(params: Any) -> bool:
     return False
 
 
+def prefix_group(group: int, rows: int, row_shards: int, config: Any) -> int:
+    """Rows that share each prompt's prefill and KV cache (1: none), as :func:`sample` runs it.
+
+    ``group`` rows a prompt share it when the ``rows // group`` prompts divide
+    over the ``row_shards`` (a shared prefill's rows are sharded too), and
+    never for a sliding-window model: its mask reads the cache by slot, and
+    the shared prefix's own slots do not carry that mask.
+    """
+    if group <= 1 or config.sliding_layers or (rows // group) % row_shards:
+        return 1
+    return group
+
+
 GATHER_FRACTION = 1 / 8
 """``gather_params=None`` gathers when the gathered parameters take at most this
 fraction of a device's memory (``memory_stats()["bytes_limit"]``)."""
@@ -915,9 +928,7 @@ def sample(
     else:
         b_local = b
         keys = as_row_keys(key, b)
-    # A sliding window reads the cache by slot; the shared prefix's own slots
-    # are not supported by that mask, so such models prefill every row.
-    share = rows_per_prompt if share_prefix and not config.sliding_layers else 1
+    share = rows_per_prompt if share_prefix else 1
     if mesh is not None:
         shards = _row_shards(mesh)
         if b % shards:
@@ -934,10 +945,11 @@ def sample(
             params = jax.tree.map(
                 lambda x, t: jax.device_put(x.astype(t.dtype), t.sharding), params, layout
             )
-        if (b // share) % shards:
-            share = 1  # a shared prefill of P rows must divide over the row shards too
+        share = prefix_group(share, b, shards, config)
     elif _spans_devices(params):
         share = 1  # no mesh to pin the broadcast cache to: prefill every row
+    else:
+        share = prefix_group(share, b, 1, config)
     # -1 never matches a token; padding the EOS list to a multiple of 8 keeps its
     # shape, and so the compiled code, when the number of EOS ids changes.
     eos_width = max(8, -(-eos.size // 8) * 8)

@@ -495,14 +495,7 @@ def plan_memory(
     ref_bytes = _device_bytes(trainable) if loss_cfg.needs_reference and not lora else 0
     batch_bytes = _device_bytes(train_batch)
     slots = s_bucket + t - 1  # the sampler's cache: the prompt bucket and T - 1 decoded tokens
-    # As sample(..., mesh=) does: each prompt's slots shared by its group's
-    # rows when the prompts divide over the row shards (never for
-    # sliding-window models, which it prefills row by row).
-    share = (
-        group
-        if group > 1 and (batch // group) % row_shards == 0 and not config.sliding_layers
-        else 1
-    )
+    share = _sampler.prefix_group(group, batch, row_shards, config)  # as sample(..., mesh=)
     kv_analytic = kv_cache_bytes(
         config, batch=batch, slots=slots, dtype=dtype, row_shards=row_shards,
         shared_prefix=s_bucket if share > 1 else 0, group_size=share,
